@@ -1,0 +1,69 @@
+"""A Shard: decoder layers [start, end) of one model, with rotary tables and KV caches for them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shards.families import Family
+from shards.families.base import head_dim
+from shards.kv_cache import CacheSpec, KVCache
+from shards.layers import DecoderBlock
+from shards.rotary import RotaryEmbedding
+
+
+class Shard(nn.Module):
+    """Runs hidden states through layers [start, end); holds no embeddings or head."""
+
+    def __init__(self, config, family: Family, start: int, end: int, blocks: list[DecoderBlock],
+                 rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.family = family
+        self.start, self.end = start, end
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary = rotary
+        self.dtype = dtype  # compute dtype of activations and KV cache
+        self.quantization: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rotary.inv_freq.device
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(self.end - self.start, self.blocks[0].self_attn.opts.num_kv_heads,
+                         head_dim(self.config), self.dtype)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """A cache for one session of up to `capacity` tokens (cache_spec.nbytes(capacity) bytes)."""
+        return KVCache(self.cache_spec, capacity, self.device)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """hidden: [B, T, D] -> [B, T, D].
+
+        Without caches: B independent sequences at positions 0..T-1 (a whole-sequence pass).
+        With caches: one cache per row; row b continues its session at position caches[b].length,
+        so a decode step of sessions with different lengths runs as one batch.
+        """
+        batch, tokens, _ = hidden.shape
+        if caches is None:
+            positions = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
+        else:
+            if len(caches) != batch:
+                raise ValueError(f"got {len(caches)} caches for a batch of {batch}")
+            for cache in caches:
+                cache.check_room(tokens)
+            offsets = torch.tensor([c.length for c in caches], device=hidden.device)
+            positions = offsets[:, None] + torch.arange(tokens, device=hidden.device)
+        hidden = hidden.to(self.dtype)
+        cos, sin = self.rotary(positions, self.dtype)
+        for layer, block in enumerate(self.blocks):
+            hidden = block(hidden, cos, sin, caches, layer)
+        for cache in caches or ():
+            cache.advance(tokens)  # only after every layer succeeded
+        return hidden

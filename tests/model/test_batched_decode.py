@@ -1,0 +1,75 @@
+"""One batched decode step over sessions of different lengths equals stepping each session alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from shards import CacheOverflowError, LocalPipeline, load_edges, load_shard
+from tests.conftest import FP32_TOLERANCE, random_prompt
+
+PROMPT_LENGTHS = [3, 11, 6, 17]  # different lengths; 11 and 17 exceed the random configs' windows
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2_moe"])
+def test_batched_step_equals_each_session_alone(model_dir, model_type):
+    path = model_dir(model_type)
+    shard = load_shard(path, "1:5", device="cpu")
+    embed = load_edges(path).embed  # real activations: what the layer before this shard would send
+    caches = []
+    for length in PROMPT_LENGTHS:
+        cache = shard.new_cache(32)
+        shard(embed(random_prompt(length, seed=length)), [cache])
+        caches.append(cache)
+    step_input = embed(torch.tensor([[7], [99], [123], [250]]))
+
+    alone_caches = [copy.deepcopy(c) for c in caches]
+    alone = torch.cat([shard(step_input[i:i + 1], [alone_caches[i]]) for i in range(len(caches))])
+    batched = shard(step_input, caches)
+
+    torch.testing.assert_close(batched, alone, **FP32_TOLERANCE)
+    assert [c.length for c in caches] == [n + 1 for n in PROMPT_LENGTHS]
+    for mine, theirs in zip(caches, alone_caches):  # the caches the two paths left behind agree too
+        torch.testing.assert_close(mine.keys[:, :, :mine.length], theirs.keys[:, :, :theirs.length], **FP32_TOLERANCE)
+
+
+def test_step_beyond_reserved_length_is_refused_and_changes_nothing(model_dir):
+    shard = load_shard(model_dir("llama"), "0:2", device="cpu")
+    cache = shard.new_cache(8)
+    shard(torch.randn(1, 6, shard.config.hidden_size), [cache])
+    before = cache.keys.clone()
+    with pytest.raises(CacheOverflowError, match="exceeds the 8 tokens reserved"):
+        shard(torch.randn(1, 3, shard.config.hidden_size), [cache])
+    assert cache.length == 6
+    assert torch.equal(cache.keys, before)
+
+
+def test_cache_size_is_known_before_allocation(model_dir):
+    shard = load_shard(model_dir("qwen3"), "2:5", device="cpu")
+    spec = shard.cache_spec
+    predicted = spec.nbytes(100)
+    # 3 layers x (keys + values) x 2 kv heads x 100 tokens x head_dim 24 x 4 bytes
+    assert predicted == 3 * 2 * 2 * 100 * 24 * 4
+    cache = shard.new_cache(100)
+    allocated = sum(t.numel() * t.element_size() for t in (cache.keys, cache.values))
+    assert allocated == predicted == cache.nbytes
+    assert spec.tokens_for(predicted) == 100
+
+
+def test_batched_greedy_sessions_match_their_own_runs(model_dir):
+    """A whole generation: 3 sessions decoded together give each session's own greedy tokens."""
+    path = model_dir("qwen3_moe")
+    pipe = LocalPipeline(load_edges(path), [load_shard(path, "0:3"), load_shard(path, "3:6")])
+    prompts = [random_prompt(n, seed=n)[0].tolist() for n in (4, 9, 14)]
+    alone = [pipe.greedy(p, 8) for p in prompts]
+    sessions = [pipe.new_session(32) for _ in prompts]
+    last = [pipe.step([s], torch.tensor([p]))[0] for s, p in zip(sessions, prompts)]
+    together = [[] for _ in prompts]
+    for _ in range(8):
+        tokens = [int(l.argmax()) for l in last]
+        for out, token in zip(together, tokens):
+            out.append(token)
+        last = pipe.step(sessions, torch.tensor([[t] for t in tokens]))
+    assert together == alone
