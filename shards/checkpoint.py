@@ -50,7 +50,7 @@ class Checkpoint:
         self._local_dir = self._resolve_local_dir(source)
         self._headers: dict[str, dict[str, TensorEntry]] = {}
         self.config_path = self._file(CONFIG_FILE, required=True)
-        self.weight_map = self._read_weight_map()
+        self._weight_map: dict[str, str] | None = None
 
     @staticmethod
     def _resolve_local_dir(source: str | Path) -> Path | None:
@@ -89,6 +89,13 @@ class Checkpoint:
         if found is None and required:
             raise CheckpointError(f"{self.source!r} has no {filename}")
         return found
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> file name; read on first use, so a bad config is reported before any weight file."""
+        if self._weight_map is None:
+            self._weight_map = self._read_weight_map()
+        return self._weight_map
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self._file(INDEX_FILE)

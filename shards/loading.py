@@ -73,7 +73,7 @@ def load_shard(model: str | Path | Checkpoint, layers: str | tuple[int, int] | N
         staging = info.torch_device if quant is None else "cpu"  # bitsandbytes quantizes on its move to the device
         _fill(block, ckpt, family.layer_prefix.format(layer), compute_dtype, staging)
         if quant is not None:
-            quantize_block(block, quant, compute_dtype, info.torch_device)
+            quantize_block(block, quant, compute_dtype, info.torch_device, family.layer_prefix.format(layer))
     rotary = RotaryEmbedding(config, head_dim(config), info.torch_device)
     shard = Shard(config, family, start, end, blocks, rotary, compute_dtype)
     shard.quantization = quant

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -23,6 +25,14 @@ def check_quantization(quant: str | None, device: DeviceInfo) -> None:
     _import_bitsandbytes()
 
 
+class _DropRepeatedCastNotice(logging.Filter):
+    """bitsandbytes logs a warning on every int8 matmul whose input is not fp16 (every step on a CPU);
+    the cast is expected there, and the line would flood a donor's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
 def _import_bitsandbytes():
     try:
         import bitsandbytes
@@ -30,16 +40,34 @@ def _import_bitsandbytes():
         raise DtypeNotSupportedError(
             "int8/nf4 shards need bitsandbytes: pip install 'llm-mesh[quant]'"
         ) from None
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropRepeatedCastNotice) for f in logger.filters):
+        logger.addFilter(_DropRepeatedCastNotice())
     return bitsandbytes
 
 
-def quantize_block(block: nn.Module, quant: str, compute_dtype: torch.dtype, device: str) -> None:
+# bitsandbytes' CPU nf4 kernel packs output rows in groups of 32 and scales inputs in blocks of 64.
+CPU_NF4_ROW_MULTIPLE = 32
+NF4_BLOCK = 64
+
+
+def quantize_block(block: nn.Module, quant: str, compute_dtype: torch.dtype, device: str, prefix: str = "") -> None:
     """Replace the block's linear layers (routers excepted) by bitsandbytes ones, in place, on `device`."""
     bnb = _import_bitsandbytes()
-    for parent in list(block.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name not in KEEP_FULL_PRECISION:
-                setattr(parent, name, _quantized_linear(bnb, child, quant, compute_dtype).to(device))
+    targets = [(f"{prefix}{parent_name}.{name}".replace("..", ".").lstrip("."), parent, name, child)
+               for parent_name, parent in block.named_modules()
+               for name, child in parent.named_children()
+               if isinstance(child, nn.Linear) and name not in KEEP_FULL_PRECISION]
+    if quant == "nf4" and torch.device(device).type == "cpu":
+        for full_name, _, _, child in targets:
+            if child.out_features % CPU_NF4_ROW_MULTIPLE or child.in_features % NF4_BLOCK:
+                raise DtypeNotSupportedError(
+                    f"nf4 on the CPU needs linear layers of a multiple of {CPU_NF4_ROW_MULTIPLE} outputs and "
+                    f"{NF4_BLOCK} inputs; {full_name} is {child.in_features} -> {child.out_features}. "
+                    "Use --quant int8 or no quantization"
+                )
+    for _, parent, name, child in targets:
+        setattr(parent, name, _quantized_linear(bnb, child, quant, compute_dtype).to(device))
 
 
 def _quantized_linear(bnb, linear: nn.Linear, quant: str, compute_dtype: torch.dtype) -> nn.Module:

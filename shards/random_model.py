@@ -47,7 +47,9 @@ def save_random_model(model_type: str, path: str | Path, seed: int = 0, max_shar
                       **overrides) -> Path:
     """Write a random `model_type` checkpoint to `path` (created if needed) and return the path."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a tiny model does not need a progress bar on every save
     config = random_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

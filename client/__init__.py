@@ -1,0 +1,1 @@
+"""The consumer: routing, sessions with failover, generate(), and the OpenAI-compatible gateway. (Not built yet.)"""
