@@ -17,8 +17,8 @@ def _env(name: str, default=None):
 
 def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, default=None, **kwargs):
     value = _env(env, default)
-    if kwargs.get("type") is int and value is not None:
-        value = int(value)
+    if kwargs.get("type") in (int, float) and isinstance(value, str):
+        value = kwargs["type"](value)
     parser.add_argument(flag, default=value, help=f"{help} [env: {env}]", **kwargs)
 
 
@@ -56,9 +56,131 @@ def _run_check(args) -> int:
     return 0
 
 
+def _peers(value) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, list):
+        value = " ".join(value)
+    return [p for p in value.replace(",", " ").split() if p]
+
+
+def _add_dht(subparsers) -> None:
+    parser = subparsers.add_parser("dht", help="run a bootstrap DHT node that donors and clients join",
+                                   description="Run a DHT node and print the addresses others join with "
+                                               "(pass them as --initial-peers).")
+    _option(parser, "--host", "MESH_DHT_HOST", "interface to listen on", "0.0.0.0")
+    _option(parser, "--port", "MESH_DHT_PORT", "TCP port (0 picks a free one)", 0, type=int)
+    _option(parser, "--announce-host", "MESH_DHT_ANNOUNCE_HOST", "public IP to announce, if behind NAT")
+    _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "other DHT nodes to join (space separated)",
+            nargs="*")
+    _option(parser, "--identity", "MESH_DHT_IDENTITY",
+            "file holding this node's private key, so its address survives restarts (created if absent)")
+    parser.set_defaults(run=_run_dht)
+
+
+def _run_dht(args) -> int:
+    import signal
+    import threading
+
+    from mesh.dht import start_dht, visible_addresses
+
+    dht = start_dht(_peers(args.initial_peers), host=args.host, port=args.port, identity_path=args.identity,
+                    announce_host=args.announce_host)
+    print("DHT node running. Join it with:")
+    for address in visible_addresses(dht):
+        print(f"  --initial-peers {address}")
+    print("MESH_DHT_READY " + " ".join(visible_addresses(dht)), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+    return 0
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="donate this device: serve a range of a model's layers",
+                                   description="Load layers [a, b) of a model and serve them to the swarm. "
+                                               "Without --layers, measure this device and take the range the "
+                                               "swarm needs most.")
+    _option(parser, "--model", "MESH_MODEL", "hub id or local directory of the model", required=False)
+    _option(parser, "--layers", "MESH_LAYERS", "half-open layer range a:b, e.g. 10:20 serves layers 10..19")
+    _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "DHT addresses to join (from `mesh dht`)", nargs="*")
+    _option(parser, "--model-name", "MESH_MODEL_NAME", "name of the model in the swarm (default: hub id or "
+            "directory name)")
+    _option(parser, "--revision", "MESH_REVISION", "hub revision (branch, tag or commit)")
+    _option(parser, "--device", "MESH_DEVICE", "auto, cuda[:N], rocm[:N], mps or cpu", "auto")
+    _option(parser, "--dtype", "MESH_DTYPE", "auto, bfloat16, float16 or float32", "auto")
+    _option(parser, "--quant", "MESH_QUANT", "quantize weights: int8 or nf4", choices=["int8", "nf4"])
+    _option(parser, "--host", "MESH_HOST", "interface for the data plane and DHT", "0.0.0.0")
+    _option(parser, "--port", "MESH_PORT", "data-plane TCP port (0 picks a free one)", 0, type=int)
+    _option(parser, "--dht-port", "MESH_DHT_PORT", "DHT TCP port (0 picks a free one)", 0, type=int)
+    _option(parser, "--public-address", "MESH_PUBLIC_ADDRESS", "host or IP others dial for the data plane")
+    _option(parser, "--cache-tokens", "MESH_CACHE_TOKENS", "KV cache budget in tokens of the whole range", type=int)
+    _option(parser, "--cache-bytes", "MESH_CACHE_BYTES", "KV cache budget in bytes", type=int)
+    _option(parser, "--idle-timeout", "MESH_IDLE_TIMEOUT", "close sessions idle this many seconds", 300.0,
+            type=float)
+    _option(parser, "--announce-interval", "MESH_ANNOUNCE_INTERVAL", "seconds between DHT heartbeats", 10.0,
+            type=float)
+    _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=int)
+    _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
+            "when several processes run on one machine)", type=int)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from server.serve import ServeOptions, serve
+    from shards.errors import ShardError
+
+    if not args.model:
+        print("mesh serve: --model (or MESH_MODEL) is required", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        model=args.model, layers=args.layers, initial_peers=_peers(args.initial_peers), model_name=args.model_name,
+        revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant, host=args.host,
+        port=args.port, public_address=args.public_address, dht_port=args.dht_port, cache_tokens=args.cache_tokens,
+        cache_bytes=args.cache_bytes, idle_timeout=args.idle_timeout, announce_interval=args.announce_interval,
+        max_batch=args.max_batch, torch_threads=args.torch_threads)
+    try:
+        return serve(options)
+    except ShardError as err:
+        print(f"mesh serve: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_status(subparsers) -> None:
+    parser = subparsers.add_parser("status", help="show models, donors, their ranges and uncovered layers")
+    _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "DHT addresses to join", nargs="*")
+    _option(parser, "--model", "MESH_MODEL", "only this model (swarm name)")
+    parser.set_defaults(run=_run_status)
+
+
+def _run_status(args) -> int:
+    from mesh.dht import fetch_models, fetch_records, start_dht
+    from mesh.records import ModelInfo, model_id_for
+    from mesh.status import format_status
+
+    dht = start_dht(_peers(args.initial_peers), client_mode=True)
+    try:
+        models = fetch_models(dht)
+        if args.model:
+            wanted = model_id_for(args.model)
+            models = [m for m in models if m.model == wanted] or [ModelInfo(wanted, 0)]
+        records = {m.model: fetch_records(dht, m.model) for m in models}
+        models = [m if m.num_layers else ModelInfo(m.model, max((r.end for r in records[m.model]), default=0))
+                  for m in models]
+        print(format_status(models, records))
+    finally:
+        dht.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="A peer-to-peer LLM inference mesh.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_dht(subparsers)
+    _add_serve(subparsers)
+    _add_status(subparsers)
     _add_check(subparsers)
     return parser
 

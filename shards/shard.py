@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shards.errors import LayerRangeError
 from shards.families import Family
 from shards.families.base import head_dim
 from shards.kv_cache import CacheSpec, KVCache
@@ -32,24 +33,38 @@ class Shard(nn.Module):
 
     @property
     def cache_spec(self) -> CacheSpec:
-        return CacheSpec(self.end - self.start, self.blocks[0].self_attn.opts.num_kv_heads,
-                         head_dim(self.config), self.dtype)
+        return self.cache_spec_for(self.start, self.end)
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def cache_spec_for(self, start: int, end: int) -> CacheSpec:
+        """The cache shape of a session that uses only layers [start, end) of this shard."""
+        self._check_sub_range(start, end)
+        return CacheSpec(end - start, self.blocks[0].self_attn.opts.num_kv_heads, head_dim(self.config), self.dtype)
+
+    def new_cache(self, capacity: int, layers: tuple[int, int] | None = None) -> KVCache:
         """A cache for one session of up to `capacity` tokens (cache_spec.nbytes(capacity) bytes)."""
-        return KVCache(self.cache_spec, capacity, self.device)
+        start, end = layers or (self.start, self.end)
+        return KVCache(self.cache_spec_for(start, end), capacity, self.device)
+
+    def _check_sub_range(self, start: int, end: int) -> None:
+        if not self.start <= start < end <= self.end:
+            raise LayerRangeError(f"layers [{start}, {end}) are not within this shard's [{self.start}, {self.end})")
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, caches: list[KVCache] | None = None,
+                layers: tuple[int, int] | None = None) -> torch.Tensor:
         """hidden: [B, T, D] -> [B, T, D].
 
         Without caches: B independent sequences at positions 0..T-1 (a whole-sequence pass).
         With caches: one cache per row; row b continues its session at position caches[b].length,
         so a decode step of sessions with different lengths runs as one batch.
+        `layers` runs only a sub-range [start, end) of this shard (caches made for that sub-range).
         """
+        start, end = layers or (self.start, self.end)
+        self._check_sub_range(start, end)
+        blocks = self.blocks[start - self.start:end - self.start]
         batch, tokens, _ = hidden.shape
         if caches is None:
             positions = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
@@ -57,12 +72,14 @@ class Shard(nn.Module):
             if len(caches) != batch:
                 raise ValueError(f"got {len(caches)} caches for a batch of {batch}")
             for cache in caches:
+                if cache.spec.num_layers != len(blocks):
+                    raise ValueError(f"a cache for {cache.spec.num_layers} layers cannot serve layers [{start}, {end})")
                 cache.check_room(tokens)
             offsets = torch.tensor([c.length for c in caches], device=hidden.device)
             positions = offsets[:, None] + torch.arange(tokens, device=hidden.device)
         hidden = hidden.to(self.dtype)
         cos, sin = self.rotary(positions, self.dtype)
-        for layer, block in enumerate(self.blocks):
+        for layer, block in enumerate(blocks):
             hidden = block(hidden, cos, sin, caches, layer)
         for cache in caches or ():
             cache.advance(tokens)  # only after every layer succeeded

@@ -1,0 +1,168 @@
+"""The Python entry point: a model whose layers run on the swarm, used like a local one.
+
+    from client import MeshModel
+    model = MeshModel.from_pretrained("org/model", initial_peers=["/ip4/.../p2p/..."])
+    tokens = model.generate([1, 2, 3], max_new_tokens=32)
+
+Only the embeddings, final norm and LM head are loaded here; every layer runs on donors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from client.loop import LoopThread
+from client.remote import RemoteSpan
+from client.sampling import Sampler, SamplingParams
+from client.session import RemoteSession, SessionConfig
+from client.swarm import Swarm
+from mesh.records import model_id_for
+from shards.edges import ModelEdges
+from shards.loading import load_edges, open_checkpoint
+
+
+class InferenceSession:
+    """Step-by-step use: feed token ids, get the logits of the last one. Caches live on the donors."""
+
+    def __init__(self, model: "MeshModel", max_length: int):
+        self.model = model
+        self.max_length = max_length
+        self.remote = RemoteSession(model.swarm, SessionConfig(max_length, **model.session_options))
+        self.tokens: list[int] = []
+        model._loop.run(self.remote.open())
+
+    def step(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Append `input_ids` to the session; returns logits [vocab] for the next token (float32)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        hidden = self.model.edges.embed(ids)
+        output = self.model._loop.run(self.remote.step(hidden))
+        self.tokens.extend(ids[0].tolist())
+        return self.model.edges.logits(output[:, -1:])[0, 0]
+
+    @property
+    def position(self) -> int:
+        return self.remote.position
+
+    @property
+    def route(self):
+        return self.remote.route
+
+    def close(self) -> None:
+        self.model._loop.run(self.remote.close())
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MeshModel:
+    def __init__(self, edges: ModelEdges, swarm: Swarm, dht=None, tokenizer=None, **session_options):
+        self.edges = edges
+        self.config = edges.config
+        self.swarm = swarm
+        self.tokenizer = tokenizer
+        self.session_options = session_options
+        self._dht = dht
+        self._loop = LoopThread()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, model: str, initial_peers: list[str], *, model_name: str | None = None,
+                        device: str | None = None, dtype: str | None = None, revision: str | None = None,
+                        route_timeout: float = 10.0, **session_options) -> "MeshModel":
+        """`model`: hub id or local directory (only config, tokenizer and the edge tensors are read)."""
+        from mesh.dht import start_dht
+
+        ckpt = open_checkpoint(model, revision)
+        edges = load_edges(ckpt, device=device, dtype=dtype)
+        dht = start_dht(initial_peers, client_mode=True)
+        swarm = Swarm.from_dht(dht, model_name or model_id_for(model), edges.config.num_hidden_layers,
+                               route_timeout=route_timeout)
+        return cls(edges, swarm, dht, _try_tokenizer(ckpt.directory), **session_options)
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        return InferenceSession(self, max_length)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop_tokens: list[int] | None = None) -> Iterator[int]:
+        """Yield generated token ids one by one (greedy when temperature is 0)."""
+        ids = self._encode(prompt)
+        sampler = Sampler(SamplingParams(temperature, top_p, top_k, repetition_penalty, seed))
+        stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
+        with self.inference_session(len(ids) + max_new_tokens) as session:
+            logits = session.step(ids)
+            history = list(ids)
+            for produced in range(max_new_tokens):
+                token = sampler(logits, history)
+                yield token
+                if token in stops or produced + 1 == max_new_tokens:
+                    return
+                history.append(token)
+                logits = session.step([token])
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, **options) -> list[int]:
+        """The generated token ids (the prompt excluded). Options as for `stream`."""
+        return list(self.stream(prompt, max_new_tokens, **options))
+
+    def forward(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for whole sequences, through the swarm without sessions."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        hidden = self._loop.run(self._forward(self.edges.embed(ids)))
+        return self.edges.logits(hidden)
+
+    async def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        options = SessionConfig(max_length=1, **self.session_options)
+        for attempt in range(options.max_failovers + 1):
+            hops = await self.swarm.route(0, self.swarm.num_layers)
+            x = hidden
+            try:
+                for hop in hops:
+                    span = await RemoteSpan.connect(hop, options.connect_timeout)
+                    try:
+                        x = await span.forward(x, options.request_timeout)
+                    finally:
+                        span.connection.close()
+                return x
+            except Exception as err:  # noqa: BLE001 - ban and reroute whatever the failure
+                self.swarm.failed(hop.donor.peer_id)
+                last = err
+        raise RuntimeError(f"forward pass failed after {options.max_failovers} reroutes: {last}")
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            return self.tokenizer(prompt)["input_ids"]
+        return [int(t) for t in prompt]
+
+    def _default_stops(self) -> list[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def close(self) -> None:
+        self._loop.stop()
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
+
+    def __enter__(self) -> "MeshModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _try_tokenizer(directory):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception:  # random test models have none; token ids still work
+        return None

@@ -1,0 +1,57 @@
+"""One hop of a chain: a connection to a donor and, optionally, an open inference session on it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mesh.routing import Hop
+from mesh.transport import Connection
+
+
+class RemoteSpan:
+    """Layers [hop.start, hop.end) on hop.donor, reached over a direct connection."""
+
+    def __init__(self, hop: Hop, connection: Connection, rtt: float):
+        self.hop = hop
+        self.connection = connection
+        self.rtt = rtt
+        self.session: str | None = None
+        self.position = 0  # tokens this hop's session holds
+
+    @classmethod
+    async def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
+        host, port = hop.donor.host_port
+        connection = await Connection.open(host, port, timeout=timeout)
+        started = time.perf_counter()
+        await connection.request({"type": "ping"}, timeout=timeout)
+        return cls(hop, connection, time.perf_counter() - started)
+
+    async def open_session(self, max_length: int, timeout: float) -> None:
+        reply = await self.connection.request(
+            {"type": "open", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end,
+             "max_length": max_length}, timeout=timeout)
+        self.session = reply.header["session"]
+        self.position = 0
+
+    async def step(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+        """Run hidden [1, T, D] through this hop's session; its cache grows by T."""
+        reply = await self.connection.request(
+            {"type": "step", "session": self.session, "position": self.position}, [hidden], timeout=timeout)
+        self.position += hidden.shape[1]
+        return reply.tensors[0]
+
+    async def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+        reply = await self.connection.request(
+            {"type": "forward", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end},
+            [hidden], timeout=timeout)
+        return reply.tensors[0]
+
+    async def close(self) -> None:
+        if self.session is not None and not self.connection.is_closed:
+            try:
+                await self.connection.request({"type": "close", "session": self.session}, timeout=2.0)
+            except Exception:
+                pass  # closing the connection frees the session on the donor anyway
+        self.connection.close()

@@ -1,0 +1,90 @@
+"""The control plane: a hivemind DHT node, and reading and writing our records in it.
+
+hivemind is imported here, lazily, so that importing the client or `mesh --help` stays fast.
+Records live under one key per model with the donor's peer id as subkey; each carries an
+expiration time, so a donor that dies silently disappears once its last heartbeat expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mesh.records import MODELS_KEY, DonorRecord, ModelInfo, model_key
+
+
+def quiet_hivemind_logs() -> None:
+    """hivemind logs every peer it meets at INFO; a donor's console is for our lines."""
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def start_dht(initial_peers: list[str] | None = None, host: str = "0.0.0.0", port: int = 0,
+              client_mode: bool = False, identity_path: str | None = None, announce_host: str | None = None):
+    """A running DHT node. `client_mode` nodes can read and write but do not serve others' records."""
+    import hivemind
+
+    quiet_hivemind_logs()
+    kwargs = dict(initial_peers=list(initial_peers or []), start=True, client_mode=client_mode)
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
+        if announce_host:
+            kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    return hivemind.DHT(**kwargs)
+
+
+def visible_addresses(dht) -> list[str]:
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def dht_time() -> float:
+    from hivemind.utils import get_dht_time
+
+    return get_dht_time()
+
+
+def announce(dht, record: DonorRecord, num_layers: int, ttl: float) -> bool:
+    """Store (or refresh) the donor's record and its model's info; both expire after `ttl` seconds."""
+    expiration = dht_time() + ttl
+    stored = dht.store(model_key(record.model), subkey=record.peer_id, value=record.to_dict(),
+                       expiration_time=expiration)
+    dht.store(MODELS_KEY, subkey=record.model, value={"model": record.model, "num_layers": num_layers},
+              expiration_time=expiration)
+    return bool(stored)
+
+
+def withdraw(dht, record: DonorRecord) -> None:
+    """Replace the record by a tombstone (a newer value of None) so readers drop it at once."""
+    dht.store(model_key(record.model), subkey=record.peer_id, value=None, expiration_time=dht_time() + 60)
+
+
+def fetch_records(dht, model_id: str) -> list[DonorRecord]:
+    """Live donor records of a model; unreadable or withdrawn ones are skipped."""
+    found = dht.get(model_key(model_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for peer_id, entry in found.value.items():
+        record = DonorRecord.from_dict(getattr(entry, "value", None))
+        if record is not None and record.peer_id == peer_id:
+            records.append(record)
+    return records
+
+
+def fetch_models(dht) -> list[ModelInfo]:
+    found = dht.get(MODELS_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    infos = [ModelInfo.from_dict(getattr(entry, "value", None)) for entry in found.value.values()]
+    return sorted((i for i in infos if i is not None), key=lambda i: i.model)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    """Poll `predicate()` until it returns something truthy or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)

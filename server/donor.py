@@ -1,0 +1,126 @@
+"""A running donor: the data-plane server, the session sweeper and the DHT heartbeat, around one shard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from mesh.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from mesh.records import DonorRecord
+from mesh.transport import ServerConnection, start_server
+from server.compute import ComputeWorker
+from server.handlers import DonorHandlers
+from server.sessions import SessionTable
+from shards.shard import Shard
+
+log = logging.getLogger("mesh.donor")
+
+
+@dataclass
+class DonorSettings:
+    model_id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_host: str | None = None  # what others should dial, when it differs from `host`
+    cache_budget_bytes: int = 1 << 30
+    idle_timeout: float = 300.0
+    announce_interval: float = 10.0
+    max_batch: int = 64
+    max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES
+    revision: str = "main"
+
+
+class Donor:
+    def __init__(self, shard: Shard, settings: DonorSettings, throughput: float, device: str = ""):
+        self.shard = shard
+        self.settings = settings
+        self.throughput = throughput
+        self.device = device
+        self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout)
+        self.worker = ComputeWorker(shard, settings.max_batch)
+        self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
+                                      describe={"backend": getattr(shard, "device_info", None) and
+                                                shard.device_info.backend, "device": device})
+        self.server: asyncio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        self.server = await start_server(self.handlers, self.settings.host, self.settings.port,
+                                         self._connection_closed, self.settings.max_payload)
+        port = self.server.sockets[0].getsockname()[1]
+        self.address = f"{self.settings.public_host or self.settings.host}:{port}"
+        asyncio.get_running_loop().create_task(self._sweep_idle_sessions())
+        return self.address
+
+    def _connection_closed(self, connection: ServerConnection) -> None:
+        freed = self.sessions.close_owned_by(connection)
+        if freed:
+            log.info("connection closed; freed %d session(s)", freed)
+
+    async def _sweep_idle_sessions(self) -> None:
+        interval = max(0.5, min(30.0, self.settings.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            expired = self.sessions.expire_idle()
+            if expired:
+                log.info("closed %d idle session(s)", len(expired))
+
+    def record(self, peer_id: str) -> DonorRecord:
+        info = getattr(self.shard, "device_info", None)
+        return DonorRecord(model=self.settings.model_id, start=self.shard.start, end=self.shard.end,
+                           peer_id=peer_id, address=self.address, backend=info.backend if info else "cpu",
+                           dtype=str(self.shard.dtype).removeprefix("torch."), throughput=round(self.throughput, 3),
+                           free_cache_tokens=self.sessions.free_tokens(), revision=self.settings.revision,
+                           device=self.device)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.worker.stop()
+
+
+class Heartbeat:
+    """Announces the donor's record every `interval` seconds from a thread (DHT calls block)."""
+
+    def __init__(self, dht, donor: Donor, num_layers: int, interval: float):
+        self.dht, self.donor, self.num_layers, self.interval = dht, donor, num_layers, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-heartbeat", daemon=True)
+        self.peer_id = str(dht.peer_id)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        from mesh.dht import announce
+
+        try:
+            announce(self.dht, self.donor.record(self.peer_id), self.num_layers, ttl=3 * self.interval)
+        except Exception as err:  # a DHT hiccup must not kill a donor; the next beat retries
+            log.warning("announcement failed: %s", err)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        from mesh.dht import withdraw
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            withdraw(self.dht, self.donor.record(self.peer_id))
+        except Exception as err:
+            log.warning("could not withdraw the announcement: %s", err)
+
+
+def ready_line(donor: Donor, peer_id: str) -> str:
+    """One machine-readable line printed when the donor serves (tests and `mesh up` wait for it)."""
+    record = donor.record(peer_id)
+    return "MESH_READY " + json.dumps({"address": record.address, "peer_id": peer_id, "start": record.start,
+                                       "end": record.end, "model": record.model})

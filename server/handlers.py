@@ -1,0 +1,113 @@
+"""Data-plane request handlers of a donor: validate, then hand compute to the ComputeWorker.
+
+Every request is checked before use (types, layer range, tensor count, dtype, shape, session,
+reserved length); a failed check raises ProtocolError, which becomes an error reply to that
+request only. Handlers do I/O and bookkeeping; compute lives in compute.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mesh.protocol import Message, ProtocolError
+from server.compute import ComputeWorker
+from server.sessions import SessionTable
+from shards.shard import Shard
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DonorHandlers:
+    def __init__(self, shard: Shard, sessions: SessionTable, worker: ComputeWorker, model_id: str,
+                 max_forward_tokens: int = 8192, describe: dict | None = None):
+        self.shard, self.sessions, self.worker = shard, sessions, worker
+        self.model_id = model_id
+        self.max_forward_tokens = max_forward_tokens
+        self.describe = describe or {}
+        self.routes = {"ping": self.ping, "info": self.info, "open": self.open, "step": self.step,
+                       "close": self.close, "forward": self.forward}
+
+    async def __call__(self, message: Message, connection) -> tuple[dict, list[torch.Tensor]]:
+        handler = self.routes.get(message.type)
+        if handler is None:
+            raise ProtocolError("bad_request", f"unknown message type {message.type!r}; "
+                                               f"known: {', '.join(sorted(self.routes))}")
+        return await handler(message, connection)
+
+    async def ping(self, message, connection):
+        return {"type": "pong"}, []
+
+    async def info(self, message, connection):
+        return {"type": "info", "model": self.model_id, "start": self.shard.start, "end": self.shard.end,
+                "dtype": str(self.shard.dtype).removeprefix("torch."), "sessions": len(self.sessions.sessions),
+                "sessions_opened": self.sessions.opened_total, "free_cache_bytes": self.sessions.free_bytes,
+                "free_cache_tokens": self.sessions.free_tokens(), "cache_budget_bytes": self.sessions.budget_bytes,
+                "compute": self.worker.stats.as_dict(), **self.describe}, []
+
+    async def open(self, message, connection):
+        header = message.header
+        start, end = self._layers(header)
+        max_length = _int_field(header, "max_length")
+        session = self.sessions.open(start, end, max_length, owner=connection)
+        connection.sessions.add(session.id)
+        return {"type": "opened", "session": session.id, "reserved_bytes": session.reserved_bytes}, []
+
+    async def step(self, message, connection):
+        header = message.header
+        session = self.sessions.get(header.get("session"), owner=connection)
+        position = _int_field(header, "position")
+        hidden = self._hidden(message, batch=1)
+        cache = session.cache
+        if position > cache.length:
+            raise ProtocolError("bad_request", f"position {position} is ahead of this session's {cache.length} tokens")
+        if position + hidden.shape[1] > cache.capacity:
+            raise ProtocolError("cache_overflow", f"step of {hidden.shape[1]} token(s) at position {position} "
+                                                  f"exceeds the {cache.capacity} tokens reserved for this session")
+        cache.truncate(position)  # a retried step overwrites what a lost reply had computed
+        output, seconds = await self.worker.run(hidden, (session.start, session.end), cache)
+        return {"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output]
+
+    async def close(self, message, connection):
+        session_id = message.header.get("session")
+        closed = self.sessions.close(session_id) if session_id in connection.sessions else False
+        connection.sessions.discard(session_id)
+        return {"type": "closed", "existed": closed}, []
+
+    async def forward(self, message, connection):
+        start, end = self._layers(message.header)
+        hidden = self._hidden(message, batch=None)
+        if hidden.shape[0] * hidden.shape[1] > self.max_forward_tokens:
+            raise ProtocolError("too_large", f"a forward pass takes at most {self.max_forward_tokens} tokens")
+        output, seconds = await self.worker.run(hidden, (start, end), None)
+        return {"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output]
+
+    def _layers(self, header: dict) -> tuple[int, int]:
+        if header.get("model", self.model_id) != self.model_id:
+            raise ProtocolError("bad_request", f"this donor serves {self.model_id!r}, not {header.get('model')!r}")
+        start = header.get("start", self.shard.start)
+        end = header.get("end", self.shard.end)
+        if not (isinstance(start, int) and isinstance(end, int) and self.shard.start <= start < end <= self.shard.end):
+            raise ProtocolError("bad_request", f"layers [{start}, {end}) are not served here; this donor serves "
+                                               f"[{self.shard.start}, {self.shard.end})")
+        return start, end
+
+    def _hidden(self, message: Message, batch: int | None) -> torch.Tensor:
+        if len(message.tensors) != 1:
+            raise ProtocolError("bad_tensor", f"expected exactly one tensor (hidden states), got {len(message.tensors)}")
+        hidden = message.tensors[0]
+        if hidden.dtype not in FLOAT_DTYPES:
+            raise ProtocolError("bad_tensor", f"hidden states must be float32, float16 or bfloat16, not "
+                                              f"{str(hidden.dtype).removeprefix('torch.')}")
+        size = self.shard.config.hidden_size
+        expected = f"[{batch if batch else 'batch'}, tokens, {size}]"
+        if hidden.dim() != 3 or hidden.shape[2] != size or hidden.shape[1] < 1 or hidden.shape[0] < 1 \
+                or (batch is not None and hidden.shape[0] != batch):
+            raise ProtocolError("bad_tensor", f"hidden states must have shape {expected}, got {list(hidden.shape)}")
+        return hidden
+
+
+def _int_field(header: dict, name: str) -> int:
+    value = header.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError("bad_request", f"field {name!r} must be a non-negative integer, got {value!r}")
+    return value

@@ -1,0 +1,131 @@
+"""`mesh serve`: load a layer range, join the DHT, serve it until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from mesh.dht import fetch_records, start_dht, visible_addresses
+from mesh.placement import choose_range
+from mesh.records import model_id_for
+from server.donor import Donor, DonorSettings, Heartbeat, ready_line
+from server.throughput import measure_throughput
+from shards.checkpoint import Checkpoint
+from shards.device import DeviceInfo, choose_dtype, detect_device
+from shards.loading import load_shard, open_checkpoint, parse_layers
+
+log = logging.getLogger("mesh.serve")
+QUANT_BYTES_PER_PARAM = {"int8": 1.0, "nf4": 0.55}
+CPU_DEFAULT_CACHE_SHARE = 0.25  # of available host memory, when no cache size is given
+GPU_DEFAULT_CACHE_SHARE = 0.5  # of GPU memory left after the weights
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    layers: str | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quant: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 0
+    public_address: str | None = None
+    dht_port: int = 0
+    cache_tokens: int | None = None
+    cache_bytes: int | None = None
+    idle_timeout: float = 300.0
+    announce_interval: float = 10.0
+    max_batch: int = 64
+    torch_threads: int | None = None
+
+
+def layer_bytes(ckpt: Checkpoint, prefix: str, dtype: torch.dtype, quant: str | None) -> int:
+    """Bytes one layer will take once loaded, from the checkpoint's headers only."""
+    names = [n for n in ckpt.weight_map if n.startswith(prefix)]
+    params = 0
+    for name in names:
+        shape = ckpt.entry(name).shape
+        count = 1
+        for dim in shape:
+            count *= dim
+        params += count
+    per_param = QUANT_BYTES_PER_PARAM[quant] if quant else torch.empty((), dtype=dtype).element_size()
+    return int(params * per_param)
+
+
+def pick_layers(opts: ServeOptions, ckpt: Checkpoint, config, model_id: str, dht, info: DeviceInfo,
+                dtype: torch.dtype) -> tuple[int, int]:
+    if opts.layers:
+        return parse_layers(opts.layers, config.num_hidden_layers)
+    from shards.families import family_for
+
+    per_layer = layer_bytes(ckpt, family_for(config).layer_prefix.format(0), dtype, opts.quant)
+    free = info.free_memory() or 8 * 2**30
+    reserve = opts.cache_bytes or int(free * (GPU_DEFAULT_CACHE_SHARE if info.is_gpu else CPU_DEFAULT_CACHE_SHARE))
+    capacity = max(1, int((free * 0.9 - reserve) // max(per_layer, 1)))
+    records = fetch_records(dht, model_id)
+    chosen = choose_range(config.num_hidden_layers, capacity, records)
+    log.info("no --layers given: %d layer(s) fit; the swarm needs [%d, %d) most", capacity, *chosen)
+    return chosen
+
+
+def cache_budget(opts: ServeOptions, shard, info: DeviceInfo) -> int:
+    if opts.cache_bytes:
+        return opts.cache_bytes
+    if opts.cache_tokens:
+        return shard.cache_spec.nbytes(opts.cache_tokens)
+    free = info.free_memory() or 2**30
+    return int(free * (GPU_DEFAULT_CACHE_SHARE if info.is_gpu else CPU_DEFAULT_CACHE_SHARE))
+
+
+def serve(opts: ServeOptions) -> int:
+    if opts.torch_threads:
+        torch.set_num_threads(opts.torch_threads)
+    ckpt = open_checkpoint(opts.model, opts.revision)
+    config = ckpt.load_config()
+    model_id = opts.model_name or model_id_for(opts.model)
+    info = detect_device(opts.device)
+    dtype = choose_dtype(info, opts.dtype)
+    dht = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port)
+    try:
+        start, end = pick_layers(opts, ckpt, config, model_id, dht, info, dtype)
+        print(f"loading layers {start}:{end} of {model_id} on {info.describe(dtype)}", flush=True)
+        shard = load_shard(ckpt, (start, end), device=info, dtype=dtype, quant=opts.quant)
+        throughput = measure_throughput(shard)
+        public_host = opts.public_address or (opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1")
+        settings = DonorSettings(model_id=model_id, host=opts.host, port=opts.port, public_host=public_host,
+                                 cache_budget_bytes=cache_budget(opts, shard, info), idle_timeout=opts.idle_timeout,
+                                 announce_interval=opts.announce_interval, max_batch=opts.max_batch,
+                                 revision=opts.revision or "main")
+        donor = Donor(shard, settings, throughput, info.describe(dtype))
+        asyncio.run(_run(donor, dht, config.num_hidden_layers, opts.announce_interval))
+    finally:
+        dht.shutdown()
+    return 0
+
+
+async def _run(donor: Donor, dht, num_layers: int, interval: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    address = await donor.start()
+    heartbeat = Heartbeat(dht, donor, num_layers, interval)
+    await loop.run_in_executor(None, heartbeat.start)
+    print(f"serving layers {donor.shard.start}:{donor.shard.end} of {donor.settings.model_id} at {address}; "
+          f"cache budget {donor.sessions.budget_bytes / 2**20:.0f} MiB; "
+          f"{donor.throughput:.0f} layer-steps/s; DHT {' '.join(visible_addresses(dht))}", flush=True)
+    print(ready_line(donor, heartbeat.peer_id), flush=True)
+    await stop.wait()
+    print("shutting down: withdrawing the announcement, closing sessions", flush=True)
+    await loop.run_in_executor(None, heartbeat.stop)
+    await donor.stop()
+    sys.stdout.flush()

@@ -1,0 +1,95 @@
+"""Inference sessions of one donor: a KV cache per session, reserved against a byte budget.
+
+A session's whole cache is reserved (and allocated) when it opens, so a donor never runs out of
+memory halfway through someone's answer: it refuses new sessions instead, with the numbers.
+Sessions close explicitly, when their connection closes, or after `idle_timeout` without use.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.protocol import ProtocolError
+from shards.kv_cache import KVCache
+from shards.shard import Shard
+
+
+@dataclass
+class Session:
+    id: str
+    start: int
+    end: int
+    cache: KVCache
+    owner: object
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.cache.nbytes
+
+
+class SessionTable:
+    def __init__(self, shard: Shard, budget_bytes: int, idle_timeout: float = 300.0,
+                 max_session_tokens: int | None = None, clock: Callable[[], float] = time.monotonic):
+        self.shard = shard
+        self.budget_bytes = budget_bytes
+        self.idle_timeout = idle_timeout
+        self.max_session_tokens = max_session_tokens or getattr(shard.config, "max_position_embeddings", 1 << 20)
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.opened_total = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in self.sessions.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.budget_bytes - self.used_bytes)
+
+    def free_tokens(self) -> int:
+        """Tokens a new session over the donor's whole range could still reserve."""
+        return self.shard.cache_spec.tokens_for(self.free_bytes)
+
+    def open(self, start: int, end: int, max_length: int, owner: object) -> Session:
+        if not self.shard.start <= start < end <= self.shard.end:
+            raise ProtocolError("bad_request", f"layers [{start}, {end}) are not served here; this donor serves "
+                                               f"[{self.shard.start}, {self.shard.end})")
+        if not 1 <= max_length <= self.max_session_tokens:
+            raise ProtocolError("bad_request", f"max_length must be between 1 and {self.max_session_tokens}")
+        needed = self.shard.cache_spec_for(start, end).nbytes(max_length)
+        if needed > self.free_bytes:
+            raise ProtocolError("cache_full", f"a session of {max_length} tokens over layers [{start}, {end}) needs "
+                                              f"{needed} bytes of cache; {self.free_bytes} of {self.budget_bytes} are free")
+        session = Session(uuid.uuid4().hex, start, end, self.shard.new_cache(max_length, (start, end)), owner,
+                          self.clock())
+        self.sessions[session.id] = session
+        self.opened_total += 1
+        return session
+
+    def get(self, session_id, owner: object) -> Session:
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None or session.owner is not owner:
+            raise ProtocolError("unknown_session", f"no open session {session_id!r} on this connection "
+                                                   "(it was closed, timed out, or never opened)")
+        session.last_used = self.clock()
+        return session
+
+    def close(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def close_owned_by(self, owner: object) -> int:
+        doomed = [sid for sid, s in self.sessions.items() if s.owner is owner]
+        for sid in doomed:
+            del self.sessions[sid]
+        return len(doomed)
+
+    def expire_idle(self) -> list[str]:
+        cutoff = self.clock() - self.idle_timeout
+        doomed = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
+        for sid in doomed:
+            del self.sessions[sid]
+        return doomed
