@@ -91,20 +91,37 @@ class MeshModel:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop_tokens: list[int] | None = None) -> Iterator[int]:
-        """Yield generated token ids one by one (greedy when temperature is 0)."""
-        ids = self._encode(prompt)
-        sampler = Sampler(SamplingParams(temperature, top_p, top_k, repetition_penalty, seed))
+        """Yield generated token ids one by one (greedy when temperature is 0).
+
+        Generation runs on the client's event loop thread and hands tokens over through a queue,
+        so a slow consumer never adds to the time between steps.
+        """
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        tokens = self.agenerate(self._encode(prompt), max_new_tokens, params, stop_tokens)
+        yield from self._loop.iterate(tokens)
+
+    async def agenerate(self, ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                        stop_tokens: list[int] | None = None, on_session=None):
+        """Async generator of token ids; runs on the client's loop. `on_session(session)` sees the
+        live RemoteSession once it is open (for tests and metrics)."""
+        sampler = Sampler(params)
         stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
-        with self.inference_session(len(ids) + max_new_tokens) as session:
-            logits = session.step(ids)
+        session = RemoteSession(self.swarm, SessionConfig(len(ids) + max_new_tokens, **self.session_options))
+        try:
+            await session.open()
+            if on_session is not None:
+                on_session(session)
+            hidden = await session.step(self.edges.embed(torch.tensor([ids])))
             history = list(ids)
             for produced in range(max_new_tokens):
-                token = sampler(logits, history)
+                token = sampler(self.edges.logits(hidden[:, -1:])[0, 0], history)
                 yield token
                 if token in stops or produced + 1 == max_new_tokens:
                     return
                 history.append(token)
-                logits = session.step([token])
+                hidden = await session.step(self.edges.embed(torch.tensor([[token]])))
+        finally:
+            await session.close()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, **options) -> list[int]:
         """The generated token ids (the prompt excluded). Options as for `stream`."""

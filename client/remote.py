@@ -19,6 +19,7 @@ class RemoteSpan:
         self.rtt = rtt
         self.session: str | None = None
         self.position = 0  # tokens this hop's session holds
+        self.last_compute_seconds = 0.0  # the donor's own compute time for the last request
 
     @classmethod
     async def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
@@ -40,6 +41,7 @@ class RemoteSpan:
         reply = await self.connection.request(
             {"type": "step", "session": self.session, "position": self.position}, [hidden], timeout=timeout)
         self.position += hidden.shape[1]
+        self.last_compute_seconds = reply.header.get("compute_ms", 0.0) / 1000
         return reply.tensors[0]
 
     async def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:

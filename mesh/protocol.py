@@ -36,6 +36,7 @@ ALLOWED_DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
+ELEMENT_SIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in ALLOWED_DTYPES.values()}
 
 
 class ProtocolError(Exception):
@@ -95,7 +96,7 @@ def decode_tensors(header: dict, payload: memoryview | bytes) -> list[torch.Tens
     offset = 0
     for index, spec in enumerate(specs):
         dtype, shape = _tensor_spec(index, spec)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * ELEMENT_SIZE[dtype]
         layout.append((dtype, shape, offset, nbytes))
         offset += nbytes
     if offset != len(payload):
@@ -105,8 +106,7 @@ def decode_tensors(header: dict, payload: memoryview | bytes) -> list[torch.Tens
         if nbytes == 0:
             tensors.append(torch.empty(shape, dtype=dtype))
             continue
-        flat = torch.frombuffer(payload, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size(),
-                                offset=start)
+        flat = torch.frombuffer(payload, dtype=dtype, count=nbytes // ELEMENT_SIZE[dtype], offset=start)
         tensors.append(flat.view(shape))
     return tensors
 

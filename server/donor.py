@@ -6,13 +6,12 @@ import asyncio
 import json
 import logging
 import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mesh.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from mesh.records import DonorRecord
 from mesh.transport import ServerConnection, start_server
-from server.compute import ComputeWorker
+from server.compute import BatchingExecutor
 from server.handlers import DonorHandlers
 from server.sessions import SessionTable
 from shards.shard import Shard
@@ -41,7 +40,7 @@ class Donor:
         self.throughput = throughput
         self.device = device
         self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout)
-        self.worker = ComputeWorker(shard, settings.max_batch)
+        self.worker = BatchingExecutor(shard, settings.max_batch)
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
                                       describe={"backend": getattr(shard, "device_info", None) and
                                                 shard.device_info.backend, "device": device})
@@ -80,7 +79,6 @@ class Donor:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        self.worker.stop()
 
 
 class Heartbeat:

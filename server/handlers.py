@@ -1,8 +1,9 @@
-"""Data-plane request handlers of a donor: validate, then hand compute to the ComputeWorker.
+"""Data-plane request handlers of a donor: validate, then hand compute to the BatchingExecutor.
 
 Every request is checked before use (types, layer range, tensor count, dtype, shape, session,
 reserved length); a failed check raises ProtocolError, which becomes an error reply to that
-request only. Handlers do I/O and bookkeeping; compute lives in compute.py.
+request only. Handlers are synchronous: they answer at once, or when their compute is done.
+Compute lives in compute.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from mesh.protocol import Message, ProtocolError
-from server.compute import ComputeWorker
+from mesh.transport import Responder
+from server.compute import BatchingExecutor
+from shards.errors import CacheOverflowError
 from server.sessions import SessionTable
 from shards.shard import Shard
 
@@ -18,7 +21,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class DonorHandlers:
-    def __init__(self, shard: Shard, sessions: SessionTable, worker: ComputeWorker, model_id: str,
+    def __init__(self, shard: Shard, sessions: SessionTable, worker: BatchingExecutor, model_id: str,
                  max_forward_tokens: int = 8192, describe: dict | None = None):
         self.shard, self.sessions, self.worker = shard, sessions, worker
         self.model_id = model_id
@@ -27,32 +30,33 @@ class DonorHandlers:
         self.routes = {"ping": self.ping, "info": self.info, "open": self.open, "step": self.step,
                        "close": self.close, "forward": self.forward}
 
-    async def __call__(self, message: Message, connection) -> tuple[dict, list[torch.Tensor]]:
+    def __call__(self, message: Message, connection, respond: Responder) -> None:
         handler = self.routes.get(message.type)
         if handler is None:
             raise ProtocolError("bad_request", f"unknown message type {message.type!r}; "
                                                f"known: {', '.join(sorted(self.routes))}")
-        return await handler(message, connection)
+        handler(message, connection, respond)
 
-    async def ping(self, message, connection):
-        return {"type": "pong"}, []
+    def ping(self, message, connection, respond):
+        respond.ok({"type": "pong"})
 
-    async def info(self, message, connection):
-        return {"type": "info", "model": self.model_id, "start": self.shard.start, "end": self.shard.end,
-                "dtype": str(self.shard.dtype).removeprefix("torch."), "sessions": len(self.sessions.sessions),
-                "sessions_opened": self.sessions.opened_total, "free_cache_bytes": self.sessions.free_bytes,
-                "free_cache_tokens": self.sessions.free_tokens(), "cache_budget_bytes": self.sessions.budget_bytes,
-                "compute": self.worker.stats.as_dict(), **self.describe}, []
+    def info(self, message, connection, respond):
+        respond.ok({"type": "info", "model": self.model_id, "start": self.shard.start, "end": self.shard.end,
+                    "dtype": str(self.shard.dtype).removeprefix("torch."), "sessions": len(self.sessions.sessions),
+                    "sessions_opened": self.sessions.opened_total, "free_cache_bytes": self.sessions.free_bytes,
+                    "free_cache_tokens": self.sessions.free_tokens(),
+                    "cache_budget_bytes": self.sessions.budget_bytes,
+                    "compute": self.worker.stats.as_dict(), **self.describe})
 
-    async def open(self, message, connection):
+    def open(self, message, connection, respond):
         header = message.header
         start, end = self._layers(header)
         max_length = _int_field(header, "max_length")
         session = self.sessions.open(start, end, max_length, owner=connection)
         connection.sessions.add(session.id)
-        return {"type": "opened", "session": session.id, "reserved_bytes": session.reserved_bytes}, []
+        respond.ok({"type": "opened", "session": session.id, "reserved_bytes": session.reserved_bytes})
 
-    async def step(self, message, connection):
+    def step(self, message, connection, respond):
         header = message.header
         session = self.sessions.get(header.get("session"), owner=connection)
         position = _int_field(header, "position")
@@ -63,23 +67,30 @@ class DonorHandlers:
         if position + hidden.shape[1] > cache.capacity:
             raise ProtocolError("cache_overflow", f"step of {hidden.shape[1]} token(s) at position {position} "
                                                   f"exceeds the {cache.capacity} tokens reserved for this session")
+        if session.busy:
+            raise ProtocolError("bad_request", "this session's previous step has not finished; send steps one at a time")
         cache.truncate(position)  # a retried step overwrites what a lost reply had computed
-        output, seconds = await self.worker.run(hidden, (session.start, session.end), cache)
-        return {"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output]
+        session.busy = True
 
-    async def close(self, message, connection):
+        def release(output, error, seconds):
+            session.busy = False
+            reply(output, error, seconds)
+
+        reply = _reply_with_result(respond)
+        self.worker.submit(hidden, (session.start, session.end), cache, release)
+
+    def close(self, message, connection, respond):
         session_id = message.header.get("session")
         closed = self.sessions.close(session_id) if session_id in connection.sessions else False
         connection.sessions.discard(session_id)
-        return {"type": "closed", "existed": closed}, []
+        respond.ok({"type": "closed", "existed": closed})
 
-    async def forward(self, message, connection):
+    def forward(self, message, connection, respond):
         start, end = self._layers(message.header)
         hidden = self._hidden(message, batch=None)
         if hidden.shape[0] * hidden.shape[1] > self.max_forward_tokens:
             raise ProtocolError("too_large", f"a forward pass takes at most {self.max_forward_tokens} tokens")
-        output, seconds = await self.worker.run(hidden, (start, end), None)
-        return {"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output]
+        self.worker.submit(hidden, (start, end), None, _reply_with_result(respond))
 
     def _layers(self, header: dict) -> tuple[int, int]:
         if header.get("model", self.model_id) != self.model_id:
@@ -104,6 +115,17 @@ class DonorHandlers:
                 or (batch is not None and hidden.shape[0] != batch):
             raise ProtocolError("bad_tensor", f"hidden states must have shape {expected}, got {list(hidden.shape)}")
         return hidden
+
+
+def _reply_with_result(respond: Responder):
+    def done(output, error, seconds):
+        if error is None:
+            respond.ok({"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output])
+        elif isinstance(error, CacheOverflowError):
+            respond.error("cache_overflow", str(error))
+        else:
+            respond.error("internal", f"{type(error).__name__}: {error}")
+    return done
 
 
 def _int_field(header: dict, name: str) -> int:

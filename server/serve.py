@@ -13,6 +13,7 @@ import torch
 from mesh.dht import fetch_records, start_dht, visible_addresses
 from mesh.placement import choose_range
 from mesh.records import model_id_for
+from mesh.transport import install_fast_event_loop
 from server.donor import Donor, DonorSettings, Heartbeat, ready_line
 from server.throughput import measure_throughput
 from shards.checkpoint import Checkpoint
@@ -106,6 +107,7 @@ def serve(opts: ServeOptions) -> int:
                                  announce_interval=opts.announce_interval, max_batch=opts.max_batch,
                                  revision=opts.revision or "main")
         donor = Donor(shard, settings, throughput, info.describe(dtype))
+        install_fast_event_loop()
         asyncio.run(_run(donor, dht, config.num_hidden_layers, opts.announce_interval))
     finally:
         dht.shutdown()

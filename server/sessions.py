@@ -25,6 +25,7 @@ class Session:
     cache: KVCache
     owner: object
     last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False  # a step is queued or running
 
     @property
     def reserved_bytes(self) -> int:
