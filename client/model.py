@@ -157,7 +157,14 @@ class MeshModel:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass token ids instead of text")
             return self.tokenizer(prompt)["input_ids"]
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
 
     def _default_stops(self) -> list[int]:
         eos = getattr(self.config, "eos_token_id", None)

@@ -45,6 +45,7 @@ class Donor:
                                       describe={"backend": getattr(shard, "device_info", None) and
                                                 shard.device_info.backend, "device": device})
         self.server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
         self.address = ""
 
     async def start(self) -> str:
@@ -52,7 +53,7 @@ class Donor:
                                          self._connection_closed, self.settings.max_payload)
         port = self.server.sockets[0].getsockname()[1]
         self.address = f"{self.settings.public_host or self.settings.host}:{port}"
-        asyncio.get_running_loop().create_task(self._sweep_idle_sessions())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_sessions())
         return self.address
 
     def _connection_closed(self, connection: ServerConnection) -> None:
@@ -77,6 +78,8 @@ class Donor:
                            device=self.device)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
 

@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_python_example_runs(tmp_path):
-    example = code_blocks("python")[0].replace("/tmp/tiny-qwen3", str(tmp_path / "tiny-qwen3"))
+    example = next(b for b in code_blocks("python") if "load_shard" in b).replace("/tmp/tiny-qwen3", str(tmp_path / "tiny-qwen3"))
     out = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
