@@ -28,23 +28,23 @@ from mesh.launcher import LocalSwarm
 from shards.selfcheck import even_splits
 
 
-async def time_steps(model: MeshModel, steps: int):
-    """Decode steps timed on the client's own event loop: what a generation pays per step."""
+def time_steps(model: MeshModel, steps: int):
+    """Decode steps (hidden states in, hidden states out) timed as a generation pays them."""
     session = RemoteSession(model.swarm, SessionConfig(max_length=steps + 64))
-    await session.open()
+    session.open()
     try:
-        await session.step(model.edges.embed(torch.tensor([list(range(16))])))
+        session.step(model.edges.embed(torch.tensor([list(range(16))])))
         hidden = model.edges.embed(torch.tensor([[7]]))
         totals, added = [], []
         for _ in range(steps):
             started = time.perf_counter()
-            await session.step(hidden)
+            session.step(hidden)
             total = time.perf_counter() - started
             totals.append(total)
             added.append(total - sum(span.last_compute_seconds for span in session.spans))
         return totals, added, len(session.spans)
     finally:
-        await session.close()
+        session.close()
 
 
 def measure(model_dir: str, donors: int, steps: int, threads: int) -> dict:
@@ -57,7 +57,7 @@ def measure(model_dir: str, donors: int, steps: int, threads: int) -> dict:
                            "--announce-interval", "2")
         model = MeshModel.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
         try:
-            totals, added, hops = model._loop.run(time_steps(model, steps))
+            totals, added, hops = time_steps(model, steps)
         finally:
             model.close()
     return {"donors": donors, "hops": hops, "step_ms": statistics.median(totals) * 1000,

@@ -6,7 +6,6 @@ Map:
   swarm.py     records from the DHT, round trips, bans, routes that wait for missing layers
   remote.py    RemoteSpan: one hop (connection + donor-side session)
   sampling.py  greedy / temperature / top-k / top-p / repetition penalty / seed
-  loop.py      the private event loop thread behind the synchronous API
 """
 
 from client.model import InferenceSession, MeshModel

@@ -5,16 +5,16 @@
     tokens = model.generate([1, 2, 3], max_new_tokens=32)
 
 Only the embeddings, final norm and LM head are loaded here; every layer runs on donors.
+Calls block the calling thread (network waits release the GIL); run several generations at once
+from several threads.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from client.loop import LoopThread
 from client.remote import RemoteSpan
 from client.sampling import Sampler, SamplingParams
 from client.session import RemoteSession, SessionConfig
@@ -31,16 +31,13 @@ class InferenceSession:
         self.model = model
         self.max_length = max_length
         self.remote = RemoteSession(model.swarm, SessionConfig(max_length, **model.session_options))
-        self.tokens: list[int] = []
-        model._loop.run(self.remote.open())
+        self.remote.open()
 
     def step(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Append `input_ids` to the session; returns logits [vocab] for the next token (float32)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-        hidden = self.model.edges.embed(ids)
-        output = self.model._loop.run(self.remote.step(hidden))
-        self.tokens.extend(ids[0].tolist())
-        return self.model.edges.logits(output[:, -1:])[0, 0]
+        hidden = self.remote.step(self.model.edges.embed(ids))
+        return self.model.edges.logits(hidden[:, -1:])[0, 0]
 
     @property
     def position(self) -> int:
@@ -51,7 +48,7 @@ class InferenceSession:
         return self.remote.route
 
     def close(self) -> None:
-        self.model._loop.run(self.remote.close())
+        self.remote.close()
 
     def __enter__(self) -> "InferenceSession":
         return self
@@ -68,14 +65,13 @@ class MeshModel:
         self.tokenizer = tokenizer
         self.session_options = session_options
         self._dht = dht
-        self._loop = LoopThread()
-        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: list[str], *, model_name: str | None = None,
                         device: str | None = None, dtype: str | None = None, revision: str | None = None,
                         route_timeout: float = 10.0, **session_options) -> "MeshModel":
-        """`model`: hub id or local directory (only config, tokenizer and the edge tensors are read)."""
+        """`model`: hub id or local directory (only config, tokenizer and the edge tensors are read).
+        `session_options`: request_timeout, connect_timeout, max_failovers, recovery_deadline."""
         from mesh.dht import start_dht
 
         ckpt = open_checkpoint(model, revision)
@@ -90,28 +86,19 @@ class MeshModel:
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_tokens: list[int] | None = None) -> Iterator[int]:
-        """Yield generated token ids one by one (greedy when temperature is 0).
-
-        Generation runs on the client's event loop thread and hands tokens over through a queue,
-        so a slow consumer never adds to the time between steps.
-        """
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        tokens = self.agenerate(self._encode(prompt), max_new_tokens, params, stop_tokens)
-        yield from self._loop.iterate(tokens)
-
-    async def agenerate(self, ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                        stop_tokens: list[int] | None = None, on_session=None):
-        """Async generator of token ids; runs on the client's loop. `on_session(session)` sees the
-        live RemoteSession once it is open (for tests and metrics)."""
-        sampler = Sampler(params)
+               stop_tokens: list[int] | None = None,
+               on_session: Callable[[RemoteSession], None] | None = None) -> Iterator[int]:
+        """Yield generated token ids one by one (greedy when temperature is 0). Closing the iterator
+        early closes the donors' sessions. `on_session` sees the live session (for tests, metrics)."""
+        ids = self._encode(prompt)
+        sampler = Sampler(SamplingParams(temperature, top_p, top_k, repetition_penalty, seed))
         stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
         session = RemoteSession(self.swarm, SessionConfig(len(ids) + max_new_tokens, **self.session_options))
         try:
-            await session.open()
+            session.open()
             if on_session is not None:
                 on_session(session)
-            hidden = await session.step(self.edges.embed(torch.tensor([ids])))
+            hidden = session.step(self.edges.embed(torch.tensor([ids])))
             history = list(ids)
             for produced in range(max_new_tokens):
                 token = sampler(self.edges.logits(hidden[:, -1:])[0, 0], history)
@@ -119,9 +106,9 @@ class MeshModel:
                 if token in stops or produced + 1 == max_new_tokens:
                     return
                 history.append(token)
-                hidden = await session.step(self.edges.embed(torch.tensor([[token]])))
+                hidden = session.step(self.edges.embed(torch.tensor([[token]])))
         finally:
-            await session.close()
+            session.close()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, **options) -> list[int]:
         """The generated token ids (the prompt excluded). Options as for `stream`."""
@@ -131,26 +118,24 @@ class MeshModel:
         """Logits [B, T, vocab] for whole sequences, through the swarm without sessions."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         ids = ids[None] if ids.dim() == 1 else ids
-        hidden = self._loop.run(self._forward(self.edges.embed(ids)))
-        return self.edges.logits(hidden)
-
-    async def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         options = SessionConfig(max_length=1, **self.session_options)
-        for attempt in range(options.max_failovers + 1):
-            hops = await self.swarm.route(0, self.swarm.num_layers)
-            x = hidden
-            try:
-                for hop in hops:
-                    span = await RemoteSpan.connect(hop, options.connect_timeout)
+        last_error: Exception | None = None
+        for _ in range(options.max_failovers + 1):
+            hidden = self.edges.embed(ids)
+            for hop in self.swarm.route(0, self.swarm.num_layers):
+                try:
+                    span = RemoteSpan.connect(hop, options.connect_timeout)
                     try:
-                        x = await span.forward(x, options.request_timeout)
+                        hidden = span.forward(hidden, options.request_timeout)
                     finally:
                         span.connection.close()
-                return x
-            except Exception as err:  # noqa: BLE001 - ban and reroute whatever the failure
-                self.swarm.failed(hop.donor.peer_id)
-                last = err
-        raise RuntimeError(f"forward pass failed after {options.max_failovers} reroutes: {last}")
+                except Exception as err:  # noqa: BLE001 - ban the donor and reroute the whole pass
+                    self.swarm.failed(hop.donor.peer_id)
+                    last_error = err
+                    break
+            else:
+                return self.edges.logits(hidden)
+        raise RuntimeError(f"forward pass failed after {options.max_failovers} reroutes: {last_error}")
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -171,7 +156,6 @@ class MeshModel:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     def close(self) -> None:
-        self._loop.stop()
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None

@@ -22,38 +22,38 @@ class RemoteSpan:
         self.last_compute_seconds = 0.0  # the donor's own compute time for the last request
 
     @classmethod
-    async def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
+    def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
         host, port = hop.donor.host_port
-        connection = await Connection.open(host, port, timeout=timeout)
+        connection = Connection.open(host, port, timeout=timeout)
         started = time.perf_counter()
-        await connection.request({"type": "ping"}, timeout=timeout)
+        connection.request({"type": "ping"}, timeout=timeout)
         return cls(hop, connection, time.perf_counter() - started)
 
-    async def open_session(self, max_length: int, timeout: float) -> None:
-        reply = await self.connection.request(
+    def open_session(self, max_length: int, timeout: float) -> None:
+        reply = self.connection.request(
             {"type": "open", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end,
              "max_length": max_length}, timeout=timeout)
         self.session = reply.header["session"]
         self.position = 0
 
-    async def step(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
         """Run hidden [1, T, D] through this hop's session; its cache grows by T."""
-        reply = await self.connection.request(
+        reply = self.connection.request(
             {"type": "step", "session": self.session, "position": self.position}, [hidden], timeout=timeout)
         self.position += hidden.shape[1]
         self.last_compute_seconds = reply.header.get("compute_ms", 0.0) / 1000
         return reply.tensors[0]
 
-    async def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
-        reply = await self.connection.request(
+    def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+        reply = self.connection.request(
             {"type": "forward", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end},
             [hidden], timeout=timeout)
         return reply.tensors[0]
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.session is not None and not self.connection.is_closed:
             try:
-                await self.connection.request({"type": "close", "session": self.session}, timeout=2.0)
+                self.connection.request({"type": "close", "session": self.session}, timeout=2.0)
             except Exception:
                 pass  # closing the connection frees the session on the donor anyway
         self.connection.close()

@@ -8,7 +8,6 @@ finite and bounded by a deadline; the last error names the layers that had no do
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from mesh.routing import Hop, NoRouteError
 from mesh.transport import ConnectionLost, RemoteError
 
 log = logging.getLogger("mesh.client")
-RECOVERABLE = (ConnectionLost, RemoteError, asyncio.TimeoutError, OSError)
+RECOVERABLE = (ConnectionLost, RemoteError, TimeoutError, OSError)
 
 
 @dataclass
@@ -38,7 +37,7 @@ class MeshSessionError(RuntimeError):
 
 
 class RemoteSession:
-    """Async core: hidden states in, hidden states out, through the whole chain of layers."""
+    """Hidden states in, hidden states out, through the whole chain of layers. One thread at a time."""
 
     def __init__(self, swarm: Swarm, config: SessionConfig, start: int = 0, end: int | None = None):
         self.swarm = swarm
@@ -55,10 +54,10 @@ class RemoteSession:
     def route(self) -> list[Hop]:
         return [span.hop for span in self.spans]
 
-    async def open(self) -> None:
-        self.spans = await self._connect_chain(self.start, self.end)
+    def open(self) -> None:
+        self.spans = self._connect_chain(self.start, self.end)
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, T, D] at the session's next position -> output of the last layer, [1, T, D]."""
         if self.position + hidden.shape[1] > self.config.max_length:
             raise MeshSessionError(f"step of {hidden.shape[1]} token(s) at position {self.position} exceeds the "
@@ -69,9 +68,9 @@ class RemoteSession:
         while index < len(self.spans):
             span = self.spans[index]
             try:
-                y = await span.step(x, self.config.request_timeout)
+                y = span.step(x, self.config.request_timeout)
             except RECOVERABLE as err:
-                await self._fail_over(index, err, deadline)
+                self._fail_over(index, err, deadline)
                 continue  # retry the same step on the replacement hops
             self.inputs.setdefault(span.hop.start, []).append(x)
             x = y
@@ -79,32 +78,32 @@ class RemoteSession:
         self.position += hidden.shape[1]
         return x
 
-    async def close(self) -> None:
+    def close(self) -> None:
         spans, self.spans = self.spans, []
-        await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
+        _close_all(spans)
 
-    async def _fail_over(self, index: int, error: Exception, deadline: float) -> None:
+    def _fail_over(self, index: int, error: Exception, deadline: float) -> None:
         started = time.monotonic()
         failed = self.spans[index]
         self.failovers += 1
         ban = self.swarm.failed(failed.hop.donor.peer_id)
         log.warning("donor %s failed on layers %d:%d (%s); banned for %.0fs, rerouting",
                     failed.hop.donor.address, failed.hop.start, failed.hop.end, error, ban)
-        await failed.close()
+        failed.close()
         if self.failovers > self.config.max_failovers or time.monotonic() > deadline:
             raise MeshSessionError(f"giving up after {self.failovers} failovers; last error from "
                                    f"{failed.hop.donor.address} on layers {failed.hop.start}:{failed.hop.end}: {error}")
-        replacement = await self._rebuild(failed.hop.start, failed.hop.end, deadline)
+        replacement = self._rebuild(failed.hop.start, failed.hop.end, deadline)
         self.spans[index:index + 1] = replacement
         self.last_failover_seconds = time.monotonic() - started
 
-    async def _rebuild(self, start: int, end: int, deadline: float) -> list[RemoteSpan]:
+    def _rebuild(self, start: int, end: int, deadline: float) -> list[RemoteSpan]:
         """New hops for [start, end) whose caches hold every token sent so far."""
         while True:
             remaining = deadline - time.monotonic()
             try:
-                spans = await self._connect_chain(start, end, timeout=max(0.0, remaining))
-                await self._replay(spans, start)
+                spans = self._connect_chain(start, end, timeout=max(0.0, remaining))
+                self._replay(spans, start)
                 return spans
             except NoRouteError:
                 raise
@@ -113,38 +112,43 @@ class RemoteSession:
                 if self.failovers > self.config.max_failovers or time.monotonic() > deadline:
                     raise MeshSessionError(f"could not rebuild layers {start}:{end}: {err}") from None
 
-    async def _replay(self, spans: list[RemoteSpan], start: int) -> None:
+    def _replay(self, spans: list[RemoteSpan], start: int) -> None:
         if self.position == 0:
             return
         x = torch.cat(self.inputs[start], dim=1)  # [1, position, D]
         for span in spans:
             try:
-                y = await span.step(x, self.config.request_timeout)
+                y = span.step(x, self.config.request_timeout)
             except RECOVERABLE:
                 self.swarm.failed(span.hop.donor.peer_id)
-                await asyncio.gather(*(s.close() for s in spans), return_exceptions=True)
+                _close_all(spans)
                 raise
             self.inputs[span.hop.start] = [x]
             x = y
 
-    async def _connect_chain(self, start: int, end: int, timeout: float | None = None) -> list[RemoteSpan]:
+    def _connect_chain(self, start: int, end: int, timeout: float | None = None) -> list[RemoteSpan]:
         """Route [start, end), connect to every hop and open a session on each; bans what fails."""
         deadline = time.monotonic() + (self.swarm.route_timeout if timeout is None else timeout)
         while True:
-            hops = await self.swarm.route(start, end, min_free_tokens=self.config.max_length,
+            hops = self.swarm.route(start, end, min_free_tokens=self.config.max_length,
                                           timeout=max(0.0, deadline - time.monotonic()))
             spans: list[RemoteSpan] = []
             try:
                 for hop in hops:
-                    span = await RemoteSpan.connect(hop, self.config.connect_timeout)
+                    span = RemoteSpan.connect(hop, self.config.connect_timeout)
                     spans.append(span)
-                    await span.open_session(self.config.max_length, self.config.request_timeout)
+                    span.open_session(self.config.max_length, self.config.request_timeout)
                     self.swarm.succeeded(hop.donor.peer_id, span.rtt)
                 return spans
             except RECOVERABLE as err:
                 bad = hops[len(spans) - 1] if spans and spans[-1].session is None else hops[len(spans)]
                 self.swarm.failed(bad.donor.peer_id)
                 log.warning("cannot use donor %s: %s", bad.donor.address, err)
-                await asyncio.gather(*(s.close() for s in spans), return_exceptions=True)
+                _close_all(spans)
                 if time.monotonic() > deadline:
                     raise MeshSessionError(f"no working donors for layers {start}:{end}: {err}") from None
+
+
+def _close_all(spans: list[RemoteSpan]) -> None:
+    for span in spans:
+        span.close()

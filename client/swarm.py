@@ -3,7 +3,7 @@ trips, bans, and routes that wait a bounded time for missing layers to appear.""
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -13,6 +13,8 @@ from mesh.routing import Hop, NoRouteError, find_chain
 
 
 class Swarm:
+    """Shared by every session of a client; safe to use from several threads."""
+
     def __init__(self, model_id: str, num_layers: int, fetch: Callable[[], list[DonorRecord]],
                  refresh_interval: float = 2.0, route_timeout: float = 10.0, bans: BanList | None = None):
         self.model_id = model_id
@@ -24,6 +26,7 @@ class Swarm:
         self.rtt: dict[str, float] = {}
         self._records: list[DonorRecord] = []
         self._fetched_at = float("-inf")
+        self._lock = threading.Lock()
 
     @classmethod
     def from_dht(cls, dht, model_id: str, num_layers: int, **kwargs) -> "Swarm":
@@ -31,32 +34,37 @@ class Swarm:
 
         return cls(model_id, num_layers, lambda: fetch_records(dht, model_id), **kwargs)
 
-    async def records(self, force: bool = False) -> list[DonorRecord]:
-        if force or time.monotonic() - self._fetched_at > self.refresh_interval:
-            loop = asyncio.get_running_loop()
-            self._records = await loop.run_in_executor(None, self._fetch)
-            self._fetched_at = time.monotonic()
-        return self._records
+    def records(self, force: bool = False) -> list[DonorRecord]:
+        with self._lock:
+            if force or time.monotonic() - self._fetched_at > self.refresh_interval:
+                self._records = self._fetch()
+                self._fetched_at = time.monotonic()
+            return self._records
 
-    async def route(self, start: int, end: int, min_free_tokens: int = 0, timeout: float | None = None) -> list[Hop]:
+    def route(self, start: int, end: int, min_free_tokens: int = 0, timeout: float | None = None) -> list[Hop]:
         """The fastest chain over [start, end) now; waits up to `timeout` for donors to appear."""
         deadline = time.monotonic() + (self.route_timeout if timeout is None else timeout)
         force = False
         while True:
-            records = await self.records(force=force)
+            records = self.records(force=force)
+            with self._lock:
+                banned = self.bans.banned(time.monotonic())
+                rtt = dict(self.rtt)
             try:
-                return find_chain(self.model_id, records, start, end, rtt=self.rtt,
-                                  banned=self.bans.banned(time.monotonic()), min_free_tokens=min_free_tokens)
+                return find_chain(self.model_id, records, start, end, rtt=rtt, banned=banned,
+                                  min_free_tokens=min_free_tokens)
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise
             force = True
-            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def failed(self, peer_id: str) -> float:
-        return self.bans.ban(peer_id, time.monotonic())
+        with self._lock:
+            return self.bans.ban(peer_id, time.monotonic())
 
     def succeeded(self, peer_id: str, rtt: float | None = None) -> None:
-        self.bans.succeeded(peer_id)
-        if rtt is not None:
-            self.rtt[peer_id] = rtt
+        with self._lock:
+            self.bans.succeeded(peer_id)
+            if rtt is not None:
+                self.rtt[peer_id] = rtt

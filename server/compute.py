@@ -9,6 +9,8 @@ kernel's socket buffers and form the next batch, so batches grow with load witho
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine, more than the whole per-hop budget.
+For the same reason a step runs at once, without waiting for the next loop iteration, when no
+other session has stepped recently: there is nobody to batch with.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class ComputeStats:
                 "compute_seconds": round(self.compute_seconds, 6)}
 
 
+MIN_CONCURRENCY_WINDOW = 0.01  # seconds; see BatchingExecutor.submit
+
+
 class BatchingExecutor:
     def __init__(self, shard: Shard, max_batch: int = 64):
         self.shard = shard
@@ -62,13 +67,30 @@ class BatchingExecutor:
         self.stats = ComputeStats()
         self._pending: list[Job] = []
         self._flush_scheduled = False
+        self._last_submitter: object = None
+        self._last_submit = float("-inf")
+        self._last_compute = 0.0
 
-    def submit(self, hidden: torch.Tensor, layers: tuple[int, int], cache: KVCache | None, done: Done) -> None:
-        """Queue a forward; `done` is called from the event loop when it ran (or failed)."""
+    def submit(self, hidden: torch.Tensor, layers: tuple[int, int], cache: KVCache | None, done: Done,
+               submitter: object = None) -> None:
+        """Queue a forward; `done` is called on the event loop when it ran (or failed).
+
+        If a different submitter (session) queued work within about two step times, more steps are
+        likely on their way: defer to the next loop iteration so they join this batch. Otherwise
+        run now.
+        """
+        now = time.monotonic()
+        window = max(MIN_CONCURRENCY_WINDOW, 2 * self._last_compute)
+        concurrent = submitter is None or (submitter is not self._last_submitter and now - self._last_submit < window)
+        self._last_submitter, self._last_submit = submitter, now
         self._pending.append(Job(hidden, layers, cache, done))
-        if not self._flush_scheduled:
+        if self._flush_scheduled:
+            return
+        if concurrent:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._flush()
 
     async def run(self, hidden: torch.Tensor, layers: tuple[int, int],
                   cache: KVCache | None) -> tuple[torch.Tensor, float]:
@@ -112,6 +134,7 @@ class BatchingExecutor:
                 job.done(None, err, 0.0)
             return
         elapsed = time.perf_counter() - started
+        self._last_compute = elapsed
         self.stats.jobs += len(group)
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(group))

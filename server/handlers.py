@@ -77,7 +77,7 @@ class DonorHandlers:
             reply(output, error, seconds)
 
         reply = _reply_with_result(respond)
-        self.worker.submit(hidden, (session.start, session.end), cache, release)
+        self.worker.submit(hidden, (session.start, session.end), cache, release, submitter=session)
 
     def close(self, message, connection, respond):
         session_id = message.header.get("session")

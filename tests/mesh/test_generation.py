@@ -108,13 +108,8 @@ def test_status_shows_the_three_ranges(swarm):
 
 
 def donor_info(port: int) -> dict:
-    import asyncio
-
-    async def ask():
-        connection = await Connection.open("127.0.0.1", port)
-        try:
-            return (await connection.request({"type": "info"}, timeout=10)).header
-        finally:
-            connection.close()
-
-    return asyncio.run(ask())
+    connection = Connection.open("127.0.0.1", port)
+    try:
+        return connection.request({"type": "info"}, timeout=10).header
+    finally:
+        connection.close()

@@ -89,52 +89,49 @@ def test_bad_requests_get_error_replies_while_a_healthy_session_runs(donor, mode
     reference = load_shard(path, "0:3")
     prompt = random_prompt(8)
 
-    async def scenario():
-        healthy = await Connection.open("127.0.0.1", port)
-        hostile = await Connection.open("127.0.0.1", port)
-        opened = await healthy.request({"type": "open", "start": 0, "end": 3, "max_length": 16})
-        session = opened.header["session"]
-        cache = reference.new_cache(16)
-        outcomes = {}
+    healthy = Connection.open("127.0.0.1", port)
+    hostile = Connection.open("127.0.0.1", port)
+    session = healthy.request({"type": "open", "start": 0, "end": 3, "max_length": 16}).header["session"]
+    cache = reference.new_cache(16)
+    outcomes, healthy_errors = {}, []
 
-        async def healthy_steps():
+    def healthy_steps():  # runs in a thread, interleaved with the hostile requests below
+        try:
             for position in range(8):
                 hidden = embed(prompt[:, position:position + 1])
-                reply = await healthy.request({"type": "step", "session": session, "position": position}, [hidden])
+                reply = healthy.request({"type": "step", "session": session, "position": position}, [hidden])
                 torch.testing.assert_close(reply.tensors[0], reference(hidden, [cache]), **FP32_TOLERANCE)
-                await asyncio.sleep(0)
+        except Exception as err:  # reported in the main thread
+            healthy_errors.append(err)
 
-        async def expect(name, header, tensors=()):
-            try:
-                await hostile.request(header, tensors, timeout=10)
-                outcomes[name] = "accepted"
-            except RemoteError as err:
-                outcomes[name] = (err.code, err.message)
+    def expect(name, header, tensors=()):
+        try:
+            hostile.request(header, tensors, timeout=10)
+            outcomes[name] = "accepted"
+        except RemoteError as err:
+            outcomes[name] = (err.code, err.message)
 
-        async def hostile_requests():
-            small = await hostile.request({"type": "open", "start": 0, "end": 3, "max_length": 4})
-            mine = small.header["session"]
-            good = torch.zeros(1, 1, 64)
-            await expect("wrong shape", {"type": "step", "session": mine, "position": 0}, [torch.zeros(1, 1, 63)])
-            await expect("wrong rank", {"type": "step", "session": mine, "position": 0}, [torch.zeros(64)])
-            await expect("wrong dtype", {"type": "step", "session": mine, "position": 0},
-                         [torch.zeros(1, 1, 64, dtype=torch.int64)])
-            await expect("no tensor", {"type": "step", "session": mine, "position": 0})
-            await expect("unknown session", {"type": "step", "session": "f" * 32, "position": 0}, [good])
-            await expect("someone else's session", {"type": "step", "session": session, "position": 0}, [good])
-            await expect("beyond reserved", {"type": "step", "session": mine, "position": 0}, [torch.zeros(1, 5, 64)])
-            await expect("bad position", {"type": "step", "session": mine, "position": 7}, [good])
-            await expect("layers not served", {"type": "open", "start": 2, "end": 5, "max_length": 4})
-            await expect("cache full", {"type": "open", "start": 0, "end": 3, "max_length": 250})
-            await expect("unknown type", {"type": "train"})
-            await expect("still fine", {"type": "step", "session": mine, "position": 0}, [good])
+    worker = threading.Thread(target=healthy_steps)
+    worker.start()
+    mine = hostile.request({"type": "open", "start": 0, "end": 3, "max_length": 4}).header["session"]
+    good = torch.zeros(1, 1, 64)
+    expect("wrong shape", {"type": "step", "session": mine, "position": 0}, [torch.zeros(1, 1, 63)])
+    expect("wrong rank", {"type": "step", "session": mine, "position": 0}, [torch.zeros(64)])
+    expect("wrong dtype", {"type": "step", "session": mine, "position": 0}, [torch.zeros(1, 1, 64, dtype=torch.int64)])
+    expect("no tensor", {"type": "step", "session": mine, "position": 0})
+    expect("unknown session", {"type": "step", "session": "f" * 32, "position": 0}, [good])
+    expect("someone else's session", {"type": "step", "session": session, "position": 0}, [good])
+    expect("beyond reserved", {"type": "step", "session": mine, "position": 0}, [torch.zeros(1, 5, 64)])
+    expect("bad position", {"type": "step", "session": mine, "position": 7}, [good])
+    expect("layers not served", {"type": "open", "start": 2, "end": 5, "max_length": 4})
+    expect("cache full", {"type": "open", "start": 0, "end": 3, "max_length": 250})
+    expect("unknown type", {"type": "train"})
+    expect("still fine", {"type": "step", "session": mine, "position": 0}, [good])
+    worker.join(30)
+    healthy.close()
+    hostile.close()
+    assert not healthy_errors, healthy_errors
 
-        await asyncio.gather(healthy_steps(), hostile_requests())
-        healthy.close()
-        hostile.close()
-        return outcomes
-
-    outcomes = asyncio.run(scenario())
     expected = {
         "wrong shape": ("bad_tensor", "must have shape [1, tokens, 64], got [1, 1, 63]"),
         "wrong rank": ("bad_tensor", "got [64]"),
