@@ -91,6 +91,10 @@ class MeshModel:
         """Yield generated token ids one by one (greedy when temperature is 0). Closing the iterator
         early closes the donors' sessions. `on_session` sees the live session (for tests, metrics)."""
         ids = self._encode(prompt)
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and len(ids) + max_new_tokens > limit:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the model's context of {limit} tokens")
         sampler = Sampler(SamplingParams(temperature, top_p, top_k, repetition_penalty, seed))
         stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
         session = RemoteSession(self.swarm, SessionConfig(len(ids) + max_new_tokens, **self.session_options))

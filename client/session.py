@@ -129,9 +129,15 @@ class RemoteSession:
     def _connect_chain(self, start: int, end: int, timeout: float | None = None) -> list[RemoteSpan]:
         """Route [start, end), connect to every hop and open a session on each; bans what fails."""
         deadline = time.monotonic() + (self.swarm.route_timeout if timeout is None else timeout)
+        last_error: Exception | None = None
         while True:
-            hops = self.swarm.route(start, end, min_free_tokens=self.config.max_length,
-                                          timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                hops = self.swarm.route(start, end, min_free_tokens=self.config.max_length,
+                                        timeout=max(0.0, deadline - time.monotonic()))
+            except NoRouteError as err:
+                if last_error is None:
+                    raise
+                raise MeshSessionError(f"{err}. The last donor tried answered: {last_error}") from None
             spans: list[RemoteSpan] = []
             try:
                 for hop in hops:
@@ -144,6 +150,7 @@ class RemoteSession:
                 bad = hops[len(spans) - 1] if spans and spans[-1].session is None else hops[len(spans)]
                 self.swarm.failed(bad.donor.peer_id)
                 log.warning("cannot use donor %s: %s", bad.donor.address, err)
+                last_error = err
                 _close_all(spans)
                 if time.monotonic() > deadline:
                     raise MeshSessionError(f"no working donors for layers {start}:{end}: {err}") from None
