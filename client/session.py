@@ -137,7 +137,7 @@ class RemoteSession:
             except NoRouteError as err:
                 if last_error is None:
                     raise
-                raise MeshSessionError(f"{err}. The last donor tried answered: {last_error}") from None
+                raise err.with_note(f"The last donor tried answered: {last_error}") from None
             spans: list[RemoteSpan] = []
             try:
                 for hop in hops:

@@ -30,12 +30,17 @@ class Hop:
 class NoRouteError(Exception):
     """No chain covers the requested layers; `missing` lists the uncovered [start, end) ranges."""
 
-    def __init__(self, model: str, missing: list[tuple[int, int]], detail: str = ""):
+    def __init__(self, model: str, missing: list[tuple[int, int]], detail: str = "", note: str = ""):
         self.model = model
         self.missing = missing
+        self.detail = detail
         ranges = ", ".join(f"{a}:{b}" for a, b in missing)
         hint = " ".join(f"`mesh serve --model {model} --layers {a}:{b} --initial-peers ...`" for a, b in missing)
-        super().__init__(f"no donor serves layers {ranges} of {model}{detail}; start one with {hint}")
+        super().__init__(f"no donor serves layers {ranges} of {model}{detail}; start one with {hint}{note}")
+
+    def with_note(self, note: str) -> "NoRouteError":
+        """The same error with something appended, e.g. what the last donor tried answered."""
+        return NoRouteError(self.model, self.missing, self.detail, f". {note}")
 
 
 def hop_cost(donor: DonorRecord, layers: int, rtt: dict[str, float]) -> float:
