@@ -12,16 +12,35 @@ from several threads.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from client.remote import RemoteSpan
-from client.sampling import Sampler, SamplingParams
+from client.sampling import Sampler, SamplingParams, top_logprobs
 from client.session import RemoteSession, SessionConfig
 from client.swarm import Swarm
 from mesh.records import model_id_for
 from shards.edges import ModelEdges
 from shards.loading import load_edges, open_checkpoint
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit in the model's context."""
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token), "length" (max tokens) or None
+
+
+def _prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """(log P(ids[i] | ids[:i]), its k best alternatives) for every prompt position; None for the
+    first token, which has no context."""
+    return [None] + [top_logprobs(logits[i - 1], ids[i], k) for i in range(1, len(ids))]
 
 
 class InferenceSession:
@@ -64,6 +83,7 @@ class MeshModel:
         self.swarm = swarm
         self.tokenizer = tokenizer
         self.session_options = session_options
+        self.observer = None  # optional: .hop(seconds) per hop and step, .failover() (metrics)
         self._dht = dht
 
     @classmethod
@@ -90,29 +110,63 @@ class MeshModel:
                on_session: Callable[[RemoteSession], None] | None = None) -> Iterator[int]:
         """Yield generated token ids one by one (greedy when temperature is 0). Closing the iterator
         early closes the donors' sessions. `on_session` sees the live session (for tests, metrics)."""
-        ids = self._encode(prompt)
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit and len(ids) + max_new_tokens > limit:
-            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the model's context of {limit} tokens")
-        sampler = Sampler(SamplingParams(temperature, top_p, top_k, repetition_penalty, seed))
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        for event in self.stream_events(self._encode(prompt), max_new_tokens, params, stop_tokens,
+                                        on_session=on_session):
+            yield event.token
+
+    def stream_events(self, ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                      stop_tokens: list[int] | None = None, *, logprobs: int | None = None,
+                      on_session: Callable[[RemoteSession], None] | None = None,
+                      on_prompt_logprobs: Callable[[list], None] | None = None,
+                      cancelled: Callable[[], bool] = lambda: False) -> Iterator[TokenEvent]:
+        """The generation loop behind stream() and the gateway: one TokenEvent per new token.
+
+        logprobs: also report each token's log-probability and this many alternatives.
+        on_prompt_logprobs: called once with (log-probability, alternatives) of each prompt token
+        (None for the first), alternatives as many as `logprobs` asks.
+        cancelled: polled between steps; when it returns True the generation stops and its donor
+        sessions are closed (a client that went away).
+        """
+        self._check_context(ids, max_new_tokens)
+        sampler = Sampler(params)
         stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
-        session = RemoteSession(self.swarm, SessionConfig(len(ids) + max_new_tokens, **self.session_options))
+        session = RemoteSession(self.swarm, SessionConfig(len(ids) + max_new_tokens, **self.session_options),
+                                observer=self.observer)
         try:
             session.open()
             if on_session is not None:
                 on_session(session)
             hidden = session.step(self.edges.embed(torch.tensor([ids])))
-            history = list(ids)
+            if on_prompt_logprobs is not None:
+                on_prompt_logprobs(_prompt_logprobs(self.edges.logits(hidden)[0], ids, logprobs or 0))
+            history, generated = list(ids), []
             for produced in range(max_new_tokens):
-                token = sampler(self.edges.logits(hidden[:, -1:])[0, 0], history)
-                yield token
-                if token in stops or produced + 1 == max_new_tokens:
+                logits = self.edges.logits(hidden[:, -1:])[0, 0]
+                token = sampler(logits, history, generated)
+                event = TokenEvent(token)
+                if logprobs is not None:
+                    event.logprob, event.top_logprobs = top_logprobs(logits, token, logprobs)
+                event.finish_reason = ("stop" if token in stops else
+                                       "length" if produced + 1 == max_new_tokens else None)
+                yield event
+                if event.finish_reason is not None or cancelled():
                     return
                 history.append(token)
+                generated.append(token)
                 hidden = session.step(self.edges.embed(torch.tensor([[token]])))
         finally:
             session.close()
+
+    def _check_context(self, ids: list[int], max_new_tokens: int) -> None:
+        limit = self.context_length
+        if limit and len(ids) + max_new_tokens > limit:
+            raise ContextLengthError(f"this model's maximum context length is {limit} tokens; the prompt has "
+                                     f"{len(ids)} and {max_new_tokens} more were requested")
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, **options) -> list[int]:
         """The generated token ids (the prompt excluded). Options as for `stream`."""

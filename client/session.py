@@ -39,8 +39,10 @@ class MeshSessionError(RuntimeError):
 class RemoteSession:
     """Hidden states in, hidden states out, through the whole chain of layers. One thread at a time."""
 
-    def __init__(self, swarm: Swarm, config: SessionConfig, start: int = 0, end: int | None = None):
+    def __init__(self, swarm: Swarm, config: SessionConfig, start: int = 0, end: int | None = None,
+                 observer=None):
         self.swarm = swarm
+        self.observer = observer
         self.config = config
         self.start = start
         self.end = swarm.num_layers if end is None else end
@@ -67,11 +69,14 @@ class RemoteSession:
         x = hidden
         while index < len(self.spans):
             span = self.spans[index]
+            started = time.perf_counter()
             try:
                 y = span.step(x, self.config.request_timeout)
             except RECOVERABLE as err:
                 self._fail_over(index, err, deadline)
                 continue  # retry the same step on the replacement hops
+            if self.observer is not None:
+                self.observer.hop(time.perf_counter() - started)
             self.inputs.setdefault(span.hop.start, []).append(x)
             x = y
             index += 1
@@ -86,6 +91,8 @@ class RemoteSession:
         started = time.monotonic()
         failed = self.spans[index]
         self.failovers += 1
+        if self.observer is not None:
+            self.observer.failover()
         ban = self.swarm.failed(failed.hop.donor.peer_id)
         log.warning("donor %s failed on layers %d:%d (%s); banned for %.0fs, rerouting",
                     failed.hop.donor.address, failed.hop.start, failed.hop.end, error, ban)

@@ -175,12 +175,46 @@ def _run_status(args) -> int:
     return 0
 
 
+def _add_gateway(subparsers) -> None:
+    parser = subparsers.add_parser("gateway", help="serve an OpenAI-compatible /v1 API backed by the swarm",
+                                   description="An OpenAI-compatible HTTP endpoint (chat, completions, "
+                                               "streaming) whose model runs on the swarm.")
+    _option(parser, "--model", "MESH_MODEL", "hub id or local directory of the model (config, tokenizer and "
+            "the embedding/head weights are read here)")
+    _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "DHT addresses to join", nargs="*")
+    _option(parser, "--host", "MESH_GATEWAY_HOST", "interface to listen on", "127.0.0.1")
+    _option(parser, "--port", "MESH_GATEWAY_PORT", "HTTP port (0 picks a free one)", 8000, type=int)
+    _option(parser, "--api-key", "MESH_API_KEYS", "require this bearer key (repeatable; env: comma separated)",
+            action="append")
+    _option(parser, "--served-model-name", "MESH_SERVED_MODEL_NAME", "the model id clients send "
+            "(default: the swarm name of --model)")
+    _option(parser, "--model-name", "MESH_MODEL_NAME", "name of the model in the swarm, if not derived from --model")
+    _option(parser, "--max-concurrency", "MESH_MAX_CONCURRENCY", "generations run at once", 64, type=int)
+    _option(parser, "--route-timeout", "MESH_ROUTE_TIMEOUT", "seconds to wait for a route before answering 503",
+            5.0, type=float)
+    parser.set_defaults(run=_run_gateway)
+
+
+def _run_gateway(args) -> int:
+    from client.gateway.serve import GatewayOptions, serve
+
+    if not args.model:
+        print("mesh gateway: --model (or MESH_MODEL) is required", file=sys.stderr)
+        return 2
+    keys = args.api_key if isinstance(args.api_key, list) else _peers(args.api_key)
+    return serve(GatewayOptions(model=args.model, initial_peers=_peers(args.initial_peers), host=args.host,
+                                port=args.port, api_keys=[k for k in keys or [] if k],
+                                served_model_name=args.served_model_name, model_name=args.model_name,
+                                max_concurrency=args.max_concurrency, route_timeout=args.route_timeout))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="A peer-to-peer LLM inference mesh.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_dht(subparsers)
     _add_serve(subparsers)
     _add_status(subparsers)
+    _add_gateway(subparsers)
     _add_check(subparsers)
     return parser
 

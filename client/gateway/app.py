@@ -1,0 +1,415 @@
+"""The FastAPI app: OpenAI's /v1 chat and completions over the mesh, plus /health and /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.gateway.engine import Engine, Generation, GenerationRequest
+from client.gateway.errors import APIError, error_body, invalid, model_not_found, unavailable
+from client.gateway.metrics import GatewayMetrics
+from client.gateway.schemas import ChatRequest, CompletionRequest
+from client.gateway.text import TextStream, chat_logprob_entry, token_text
+from client import ContextLengthError, MeshSessionError, NoRouteError, SamplingParams
+
+DEFAULT_MAX_TOKENS = 512  # chat requests that name no limit: at most this, or what the context allows
+
+
+@dataclass
+class GatewaySettings:
+    served_model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(engine: Engine, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> FastAPI:
+    metrics = metrics or GatewayMetrics()
+    engine.model.observer = metrics
+    app = FastAPI(title="llm-mesh gateway", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    _install_error_handlers(app)
+    _install_accounting(app, settings, metrics)
+    api = _Handlers(engine, settings, metrics)
+    app.get("/v1/models")(api.list_models)
+    app.get("/v1/models/{model_id:path}")(api.get_model)
+    app.post("/v1/chat/completions")(api.chat)
+    app.post("/v1/completions")(api.completions)
+    app.get("/health")(api.health)
+    app.get("/metrics")(api.metrics_page)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(location) or None
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        return JSONResponse(error_body(f"Invalid value for {param or 'request'}: {message}",
+                                       "invalid_request_error", param, "invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        code = "not_found" if err.status_code == 404 else None
+        return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
+                            status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, err: Exception):
+        return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None,
+                                       "internal_error"), status_code=500)
+
+
+def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    @app.middleware("http")
+    async def account(request: Request, call_next):
+        path = request.url.path
+        if settings.api_keys and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if given not in settings.api_keys:
+                err = APIError(401, "Incorrect API key provided." if given else "Missing API key: send "
+                               "'Authorization: Bearer <key>'.", "invalid_request_error", None, "invalid_api_key")
+                metrics.requests.labels(path, "401").inc()
+                return JSONResponse(err.body(), status_code=401)
+        metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.in_flight.dec()
+        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                                    "/metrics") else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+
+class _Handlers:
+    def __init__(self, engine: Engine, settings: GatewaySettings, metrics: GatewayMetrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.tokenizer = engine.tokenizer
+        self.context = engine.model.context_length or 1 << 30
+
+    # -- models and health ----------------------------------------------------------------------------
+
+    def _model_card(self) -> dict:
+        return {"id": self.settings.served_model_name, "object": "model", "created": self.settings.created,
+                "owned_by": "llm-mesh"}
+
+    async def list_models(self):
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, model_id: str):
+        self._check_model(model_id)
+        return self._model_card()
+
+    async def health(self):
+        if self.engine.has_route():
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", "detail": "no full route through the mesh"}, status_code=503)
+
+    async def metrics_page(self):
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.settings.served_model_name:
+            raise model_not_found(model)
+
+    # -- chat -----------------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatRequest):
+        self._check_model(body.model)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise invalid("this model has no chat template; use /v1/completions with a plain prompt", "messages",
+                          "chat_template_missing")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as err:
+            raise invalid(str(err), "messages") from None
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = self._budget(len(ids), body.token_limit, "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._run("chat", body, [ids], max_tokens, top, echo=False)
+
+    # -- completions ----------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
+        prompts = self._prompt_ids(body.prompt)
+        max_tokens = min(self._budget(len(p), body.max_tokens, "prompt") for p in prompts)
+        return await self._run("text", body, prompts, max_tokens, body.logprobs, echo=body.echo)
+
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        prompts = []
+        vocab = self.engine.model.config.vocab_size
+        for item in prompt:
+            if isinstance(item, str):
+                if self.tokenizer is None:
+                    raise invalid("this model has no tokenizer: send the prompt as token ids", "prompt")
+                item = self.tokenizer(item, add_special_tokens=False)["input_ids"]
+            if not item:
+                raise invalid("prompt must not be empty", "prompt")
+            if any(not 0 <= t < vocab for t in item):
+                raise invalid(f"token ids must be between 0 and {vocab - 1}", "prompt")
+            prompts.append(list(item))
+        return prompts
+
+    def _budget(self, prompt_tokens: int, asked: int | None, param: str) -> int:
+        if asked is None:
+            asked = min(DEFAULT_MAX_TOKENS, self.context - prompt_tokens)
+        if prompt_tokens + asked > self.context or asked < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {prompt_tokens + max(asked, 1)} tokens ({prompt_tokens} in the {param}, "
+                                f"{max(asked, 1)} in the completion). Please reduce the length of the {param} or "
+                                "completion.", "invalid_request_error", param, "context_length_exceeded")
+        return asked
+
+    # -- shared: start the generations, then answer whole or streamed -------------------------------------
+
+    async def _run(self, kind: str, body, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
+                   echo: bool):
+        started = time.perf_counter()
+        generations = []
+        for prompt_index, ids in enumerate(prompts):
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i  # choice i: seed + i
+                params = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed,
+                                        presence_penalty=body.presence_penalty,
+                                        frequency_penalty=body.frequency_penalty)
+                request = GenerationRequest(ids, max_tokens, params, logprobs, prompt_logprobs=echo and logprobs is not None)
+                generations.append((ids, self.engine.generate(request)))
+        try:
+            for _, generation in generations:
+                await generation.started()
+        except BaseException as err:
+            for _, generation in generations:
+                generation.cancel()
+            raise _as_api_error(err) from None
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        try:
+            reply = _Reply(kind, self, body, generations, echo, started)
+            if body.stream:
+                return StreamingResponse(reply.stream(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await reply.whole()
+        except BaseException as err:
+            for _, generation in generations:
+                generation.cancel()
+            raise _as_api_error(err) from None
+
+
+def _as_api_error(err: BaseException) -> BaseException:
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, NoRouteError):
+        return unavailable(f"the mesh cannot serve this model right now: {err}", "no_route")
+    if isinstance(err, MeshSessionError):
+        return unavailable(f"the mesh has no free capacity or working route right now: {err}", "no_capacity")
+    if isinstance(err, ContextLengthError):
+        return APIError(400, str(err), "invalid_request_error", None, "context_length_exceeded")
+    return err
+
+
+class _Choice:
+    """One generated sequence's text, logprobs and finish reason, built token by token."""
+
+    def __init__(self, index: int, tokenizer, stops: list[str], prompt_ids: list[int]):
+        self.index = index
+        self.text = TextStream(tokenizer, stops)
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list = []
+
+    def add(self, event, kind: str) -> str:
+        self.tokens += 1
+        delta = self.text.push(event.token)
+        if event.logprob is not None:
+            self.logprobs.append(event)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            delta += self.text.finish()
+        return delta
+
+
+class _Reply:
+    def __init__(self, kind: str, handlers: _Handlers, body, generations: list[tuple[list[int], Generation]],
+                 echo: bool, started: float):
+        self.kind, self.h, self.body, self.generations, self.echo = kind, handlers, body, generations, echo
+        self.started = started
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = handlers.settings.served_model_name
+        self.choices = [_Choice(i, handlers.tokenizer, body.stop, ids) for i, (ids, _) in enumerate(generations)]
+        self.last_token_at: float | None = None
+
+    def _observe_token(self) -> None:
+        now = time.perf_counter()
+        if self.last_token_at is None:
+            self.h.metrics.time_to_first_token.observe(now - self.started)
+        else:
+            self.h.metrics.inter_token.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.h.metrics.generated_tokens.inc()
+
+    async def _events(self):
+        """(choice, text delta) for every token of every choice, as they come, choices interleaved."""
+        import asyncio
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice, generation: Generation):
+            try:
+                async for event in generation.events():
+                    await queue.put((choice, event))
+                    if choice.finish_reason is not None:
+                        break
+            except BaseException as err:  # noqa: BLE001
+                await queue.put((choice, err))
+            finally:
+                await queue.put((choice, None))
+
+        tasks = [asyncio.ensure_future(pump(c, g)) for c, (_, g) in zip(self.choices, self.generations)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                choice, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                elif choice.finish_reason is None:
+                    self._observe_token()
+                    delta = choice.add(item, self.kind)
+                    if choice.finish_reason is not None:
+                        self.generations[choice.index][1].cancel()  # a stop sequence: no more tokens needed
+                    yield choice, delta
+        finally:
+            for _, generation in self.generations:
+                generation.cancel()
+            for task in tasks:
+                task.cancel()
+
+    def _usage(self) -> dict:
+        prompt = sum(len(ids) for ids in {id(ids): ids for ids, _ in self.generations}.values())
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _finish_reason(self, choice: _Choice) -> str:
+        return choice.finish_reason or "stop"
+
+    async def whole(self):
+        texts = {c.index: "" for c in self.choices}
+        async for choice, delta in self._events():
+            texts[choice.index] += delta
+        self.h.metrics.duration.observe(time.perf_counter() - self.started)
+        choices = [self._whole_choice(c, texts[c.index]) for c in self.choices]
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, "usage": self._usage()}
+
+    def _whole_choice(self, choice: _Choice, text: str) -> dict:
+        if self.kind == "chat":
+            return {"index": choice.index, "finish_reason": self._finish_reason(choice),
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": self._chat_logprobs(choice.logprobs) if self.body.logprobs else None}
+        prefix = self.h.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True) if self.echo else ""
+        return {"index": choice.index, "text": prefix + text, "finish_reason": self._finish_reason(choice),
+                "logprobs": self._text_logprobs(choice) if self.body.logprobs is not None else None}
+
+    def _chat_logprobs(self, events) -> dict:
+        tokenizer = self.h.tokenizer
+        return {"content": [chat_logprob_entry(tokenizer, e.token, e.logprob, e.top_logprobs) for e in events],
+                "refusal": None}
+
+    def _text_logprobs(self, choice: _Choice) -> dict:
+        tokenizer = self.h.tokenizer
+        tokens, logprobs, tops, offsets = [], [], [], []
+        offset = 0
+        if self.echo:
+            generation = self.generations[choice.index][1]
+            prompt_lps = generation.prompt_logprobs or [None] * len(choice.prompt_ids)
+            for token, scored in zip(choice.prompt_ids, prompt_lps):
+                text = token_text(tokenizer, token)
+                # The first prompt token has no context to be scored in. The API reports null there,
+                # but the official SDK's strict types take only numbers: 0.0 and no alternatives.
+                lp, top = scored if scored is not None else (0.0, [])
+                tokens.append(text)
+                logprobs.append(lp)
+                tops.append({token_text(tokenizer, t): v for t, v in top})
+                offsets.append(offset)
+                offset += len(text)
+        for event in choice.logprobs:
+            text = token_text(tokenizer, event.token)
+            tokens.append(text)
+            logprobs.append(event.logprob)
+            tops.append({token_text(tokenizer, t): lp for t, lp in event.top_logprobs})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    # -- streaming --------------------------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        payload = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                   "system_fingerprint": None, "choices": choices}
+        if usage is not None or self.body.include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def _stream_choice(self, choice: _Choice, text: str | None, role: bool = False, finish: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": "", "refusal": None} if role else (
+                {} if text is None else {"content": text})
+            return {"index": choice.index, "delta": delta, "logprobs": None,
+                    "finish_reason": self._finish_reason(choice) if finish else None}
+        return {"index": choice.index, "text": text or "", "logprobs": None,
+                "finish_reason": self._finish_reason(choice) if finish else None}
+
+    async def stream(self):
+        try:
+            if self.kind == "chat":
+                for choice in self.choices:
+                    yield self._chunk([self._stream_choice(choice, None, role=True)])
+            elif self.echo:
+                for choice in self.choices:
+                    yield self._chunk([self._stream_choice(
+                        choice, self.h.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True))])
+            async for choice, delta in self._events():
+                if delta:
+                    yield self._chunk([self._stream_choice(choice, delta)])
+                if choice.finish_reason is not None:
+                    yield self._chunk([self._stream_choice(choice, None, finish=True)])
+            for choice in self.choices:
+                if choice.finish_reason is None:  # ended without a last token (cannot normally happen)
+                    yield self._chunk([self._stream_choice(choice, None, finish=True)])
+            if self.body.include_usage:
+                yield self._chunk([], usage=self._usage())
+            yield "data: [DONE]\n\n"
+        except Exception as err:  # after the 200 went out: say so in the stream, never cut it silently
+            self.h.metrics.stream_errors.inc()
+            api_error = _as_api_error(err)
+            message = api_error.message if isinstance(api_error, APIError) else f"{type(err).__name__}: {err}"
+            code = api_error.code if isinstance(api_error, APIError) else "internal_error"
+            yield f"data: {json.dumps(error_body(message, 'server_error', None, code))}\n\n"
+        finally:
+            self.h.metrics.duration.observe(time.perf_counter() - self.started)

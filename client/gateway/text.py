@@ -1,0 +1,65 @@
+"""From token ids to the text a client sees: incremental decoding, stop sequences, logprob entries."""
+
+from __future__ import annotations
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas, holding back what a stop sequence or an
+    unfinished UTF-8 character might still change."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of `text` already handed out
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the new text that is safe to show (possibly empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # the rest of a multi-byte character is still to come
+        self.text = text
+        for stop in self.stops:
+            found = text.find(stop, max(0, self.emitted - len(stop)))
+            if found != -1:
+                self.text = text = text[:found]
+                self.stopped = True
+        if self.stopped:
+            return self._emit(len(text))
+        return self._emit(len(text) - self._held_back(text))
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._emit(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop sequence."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted:upto], upto
+        return delta
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def chat_logprob_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+    def entry(t: int, lp: float) -> dict:
+        text = token_text(tokenizer, t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
