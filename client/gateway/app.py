@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from client.gateway.schemas import ChatRequest, CompletionRequest
 from client.gateway.text import TextStream, chat_logprob_entry, token_text
 from client import ContextLengthError, MeshSessionError, NoRouteError, SamplingParams
 
+log = logging.getLogger("mesh.gateway")
 DEFAULT_MAX_TOKENS = 512  # chat requests that name no limit: at most this, or what the context allows
 
 
@@ -66,10 +68,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
                             status_code=err.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, err: Exception):
-        return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None,
-                                       "internal_error"), status_code=500)
 
 
 def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
@@ -86,6 +84,10 @@ def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: Gatewa
         metrics.in_flight.inc()
         try:
             response = await call_next(request)
+        except Exception as err:  # answered here: Starlette's last-resort handler would also drop the connection
+            log.exception("internal error serving %s", path)
+            response = JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None,
+                                               "internal_error"), status_code=500)
         finally:
             metrics.in_flight.dec()
         endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",

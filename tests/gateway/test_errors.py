@@ -1,0 +1,134 @@
+"""Every error the gateway promises, checked through the SDK's exception type, status code and `code`."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from client import MeshSessionError, TokenEvent
+from client.gateway.serve import GatewayOptions
+from tests.gateway.conftest import API_KEY
+
+SERVED = "demo"
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_swarm, demo_model, start_gateway):
+    return start_gateway(GatewayOptions(model=str(demo_model), initial_peers=demo_swarm.initial_peers,
+                                        served_model_name=SERVED, api_keys=[API_KEY], route_timeout=30))
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    return gateway.sdk()
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 20}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"top_logprobs": 2}, None),  # without logprobs
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+])
+def test_invalid_values_are_400(sdk, change, param):
+    request = {"model": SERVED, "messages": HELLO, "max_tokens": 2, **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(**request)
+    assert err.value.status_code == 400 and err.value.code in ("invalid_value", "invalid_request_error")
+    assert err.value.body["type"] == "invalid_request_error"
+    if param:
+        assert err.value.param == param
+
+
+def test_unknown_fields_are_ignored(sdk):
+    reply = sdk.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2,
+                                        extra_body={"some_future_option": {"x": 1}, "logit_bias": None})
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_api_keys(gateway):
+    with pytest.raises(openai.AuthenticationError) as err:
+        gateway.sdk(api_key="wrong").models.list()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    missing = httpx.get(gateway.base_url + "/models")  # the SDK refuses to send no key at all
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(gateway.base_url.removesuffix("/v1") + "/health").status_code == 200  # health needs no key
+
+
+def test_unknown_model_is_404(sdk):
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk.chat.completions.create(model="gpt-9", messages=HELLO)
+    assert err.value.status_code == 404 and err.value.code == "model_not_found" and err.value.param == "model"
+
+
+def test_context_length_exceeded(sdk):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=5000)
+    assert err.value.status_code == 400 and err.value.code == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.completions.create(model=SERVED, prompt="word " * 3000, max_tokens=1)
+    assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+
+
+def test_chat_without_a_template_is_400_but_completions_work(sdk, gateway):
+    tokenizer = gateway.model.tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2)
+        assert err.value.code == "chat_template_missing"
+        assert sdk.completions.create(model=SERVED, prompt="Hello", max_tokens=2).choices[0].text is not None
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_no_route_is_503_with_retry_after(demo_swarm, demo_model, start_gateway):
+    lonely = start_gateway(GatewayOptions(model=str(demo_model), initial_peers=demo_swarm.initial_peers,
+                                          model_name="nobody-serves-this", served_model_name=SERVED,
+                                          route_timeout=1))
+    with pytest.raises(openai.InternalServerError) as err:
+        lonely.sdk().chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2)
+    assert err.value.status_code == 503 and err.value.code == "no_route"
+    assert err.value.response.headers["Retry-After"] == "5"
+    assert "no donor serves layers 0:8" in err.value.message
+    health = httpx.get(lonely.base_url.removesuffix("/v1") + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+
+
+def test_internal_errors_are_json_500(gateway, sdk, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+        yield  # pragma: no cover - makes this a generator, as the real one is
+
+    monkeypatch.setattr(gateway.model, "stream_events", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2)
+    assert err.value.status_code == 500 and err.value.code == "internal_error"
+    assert err.value.body["type"] == "server_error" and "a bug" in err.value.message
+    assert sdk.models.list().data  # and the gateway keeps serving
+
+
+def test_failure_mid_stream_ends_with_an_error_event(gateway, sdk, monkeypatch):
+    def fails_after_two_tokens(ids, max_new_tokens, params, stop_tokens=None, *, on_session=None, **kwargs):
+        on_session(None)
+        yield TokenEvent(70)
+        yield TokenEvent(71)
+        raise MeshSessionError("giving up after 8 failovers; last error from 127.0.0.1:1 on layers 4:8")
+
+    monkeypatch.setattr(gateway.model, "stream_events", fails_after_two_tokens)
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in sdk.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=10, stream=True):
+            received.append(chunk)
+    assert "giving up after 8 failovers" in err.value.message
+    assert received and received[0].choices[0].delta.role == "assistant"  # the stream had started
+    metrics = httpx.get(gateway.base_url.removesuffix("/v1") + "/metrics").text
+    assert "mesh_stream_errors_total 1.0" in metrics
