@@ -111,6 +111,7 @@ class LocalSwarm:
     dht: ManagedProcess | None = None
     initial_peers: list[str] = field(default_factory=list)
     donors: list[DonorProcess] = field(default_factory=list)
+    gateways: list[ManagedProcess] = field(default_factory=list)
 
     def start_dht(self) -> list[str]:
         self.dht = ManagedProcess("dht", ["dht", "--host", "127.0.0.1"])
@@ -141,7 +142,18 @@ class LocalSwarm:
                 p.stop(grace=2)
             raise
 
+    def start_gateway(self, model: str, port: int = 0, *extra: str) -> tuple[ManagedProcess, str]:
+        """`mesh gateway` on 127.0.0.1; returns the process and its /v1 base URL once it serves."""
+        process = ManagedProcess("gateway", ["gateway", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+                                             "--initial-peers", *self.initial_peers, *extra])
+        self.gateways.append(process)
+        line = process.wait_for_line("MESH_GATEWAY_READY", self.ready_timeout)
+        return process, line.split()[1]
+
     def stop(self) -> None:
+        for gateway in self.gateways:
+            gateway.stop()
+        self.gateways.clear()
         for donor in self.donors:
             donor.process.stop()
         self.donors.clear()

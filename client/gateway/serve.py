@@ -38,8 +38,14 @@ def serve(options: GatewayOptions) -> int:
     app, model = build(options)
     print(f"gateway for {app.state.settings.served_model_name} on http://{options.host}:{options.port}/v1",
           flush=True)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Shut down gracefully, without uvicorn re-raising the signal afterwards: that would kill
+            # the process before the cleanup below closes the DHT node and the donors' sessions.
+            self.should_exit = True
+
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", loop="asyncio")
-    server = uvicorn.Server(config)
+    server = Server(config)
     original_startup = server.startup
 
     async def startup(sockets=None):
