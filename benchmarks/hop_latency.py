@@ -25,7 +25,7 @@ import torch
 from client import MeshModel
 from client.session import RemoteSession, SessionConfig
 from mesh.launcher import LocalSwarm
-from shards.selfcheck import even_splits
+from shards.loading import even_splits
 
 
 def time_steps(model: MeshModel, steps: int):

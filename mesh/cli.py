@@ -26,8 +26,8 @@ def _add_check(subparsers) -> None:
     parser = subparsers.add_parser(
         "check", help="run a model as chained shards on this device and compare it with transformers",
         description="Load the model's edges and a chain of layer ranges on this device, decode greedily, "
-                    "and compare logits and tokens with transformers. Without --model, a small random Llama "
-                    "is created (once, cached) so the check works offline.")
+                    "and compare logits and tokens with transformers. Without --model, the embedded demo "
+                    "model is built (once, cached) so the check works offline.")
     _option(parser, "--model", "MESH_MODEL", "local model directory or hub id (default: embedded tiny model)")
     _option(parser, "--shards", "MESH_CHECK_SHARDS", "split the layers evenly into this many shards", 2, type=int)
     _option(parser, "--splits", "MESH_CHECK_SPLITS", "explicit half-open layer ranges, e.g. 0:3,3:6")
@@ -56,12 +56,37 @@ def _run_check(args) -> int:
     return 0
 
 
+PEER_FILE_WAIT = 120.0  # seconds to wait for an @file of peers to appear (containers starting together)
+
+
 def _peers(value) -> list[str]:
+    """Peer addresses from a list or a space/comma separated string; "@FILE" reads them from FILE
+    (as written by `mesh dht --address-file`), waiting for it to appear."""
     if not value:
         return []
     if isinstance(value, list):
         value = " ".join(value)
-    return [p for p in value.replace(",", " ").split() if p]
+    peers = []
+    for item in value.replace(",", " ").split():
+        peers.extend(_read_peer_file(item[1:]) if item.startswith("@") else [item])
+    return peers
+
+
+def _read_peer_file(path: str) -> list[str]:
+    import time
+
+    deadline = time.monotonic() + PEER_FILE_WAIT
+    while True:
+        try:
+            with open(path) as f:
+                peers = f.read().split()
+            if peers:
+                return peers
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"mesh: no peer addresses in {path} after {PEER_FILE_WAIT:.0f}s")
+        time.sleep(0.5)
 
 
 def _add_dht(subparsers) -> None:
@@ -75,6 +100,8 @@ def _add_dht(subparsers) -> None:
             nargs="*")
     _option(parser, "--identity", "MESH_DHT_IDENTITY",
             "file holding this node's private key, so its address survives restarts (created if absent)")
+    _option(parser, "--address-file", "MESH_DHT_ADDRESS_FILE",
+            "also write the join addresses to this file (others can pass --initial-peers @FILE)")
     parser.set_defaults(run=_run_dht)
 
 
@@ -89,6 +116,11 @@ def _run_dht(args) -> int:
     print("DHT node running. Join it with:")
     for address in visible_addresses(dht):
         print(f"  --initial-peers {address}")
+    if args.address_file:
+        tmp = f"{args.address_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(visible_addresses(dht)) + "\n")
+        os.replace(tmp, args.address_file)  # readers never see a half-written file
     print("MESH_DHT_READY " + " ".join(visible_addresses(dht)), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,6 +240,44 @@ def _run_gateway(args) -> int:
                                 max_concurrency=args.max_concurrency, route_timeout=args.route_timeout))
 
 
+def _add_up(subparsers) -> None:
+    parser = subparsers.add_parser("up", help="run a whole swarm on this machine: bootstrap, donors, gateway",
+                                   description="Start a bootstrap node, donors that split the model evenly, and "
+                                               "the OpenAI-compatible gateway, all on 127.0.0.1; Ctrl-C stops "
+                                               "them all. Without --model, a small embedded demo model is built "
+                                               "(once, cached) so this works offline.")
+    _option(parser, "--model", "MESH_MODEL", "hub id or local directory (default: the embedded demo model)")
+    _option(parser, "--donors", "MESH_UP_DONORS", "number of donors to split the layers between", 2, type=int)
+    _option(parser, "--port", "MESH_GATEWAY_PORT", "gateway HTTP port (0 picks a free one)", 8000, type=int)
+    _option(parser, "--served-model-name", "MESH_SERVED_MODEL_NAME", "model id for clients (default: the "
+            "model's swarm name)")
+    _option(parser, "--ask", "MESH_UP_ASK", "send this chat message through the gateway, print the answer, "
+            "and stop")
+    parser.set_defaults(run=_run_up)
+
+
+def _run_up(args) -> int:
+    from mesh.records import model_id_for
+    from mesh.up import run_up
+    from shards.checkpoint import Checkpoint
+    from shards.errors import ShardError
+    from shards.loading import even_splits
+
+    model = args.model
+    if not model:
+        from shards.demo_model import demo_model_dir
+
+        print("preparing the embedded demo model (built on first use, then cached) ...", flush=True)
+        model = str(demo_model_dir())
+    try:
+        num_layers = Checkpoint(model).load_config().num_hidden_layers
+    except ShardError as err:
+        print(f"mesh up: {err}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or model_id_for(model)
+    return run_up(model, even_splits(num_layers, args.donors), args.port, name, args.ask)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="A peer-to-peer LLM inference mesh.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -215,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_status(subparsers)
     _add_gateway(subparsers)
+    _add_up(subparsers)
     _add_check(subparsers)
     return parser
 

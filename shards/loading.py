@@ -46,6 +46,13 @@ def parse_layers(spec: str | tuple[int, int] | None, num_layers: int) -> tuple[i
     return start, end
 
 
+def even_splits(num_layers: int, parts: int) -> list[str]:
+    """'a:b' ranges that cover num_layers in `parts` contiguous pieces of near-equal size."""
+    parts = max(1, min(parts, num_layers))
+    bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
 def open_checkpoint(model: str | Path | Checkpoint, revision: str | None = None,
                     cache_dir: str | None = None, fetch: Fetcher = hub_fetch) -> Checkpoint:
     if isinstance(model, Checkpoint):

@@ -1,43 +1,19 @@
 """`mesh check`: load a model as a chain of shards on this device and compare it with transformers.
 
 A donor runs it to see that its device computes the model exactly before joining a swarm; with no
-model given it uses a small random Llama built on first use (nothing is downloaded).
+model given it uses the embedded demo model, built on first use (nothing is downloaded).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from shards.loading import load_edges, load_shard, open_checkpoint
+from shards.demo_model import demo_model_dir
+from shards.loading import even_splits, load_edges, load_shard, open_checkpoint
 from shards.pipeline import LocalPipeline
-
-DEFAULT_MODEL_NAME = "tiny-random-llama"
-
-
-def default_model_dir() -> Path:
-    """The embedded default model, created deterministically on first use and cached."""
-    cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "llm-mesh"))
-    path = cache / "models" / DEFAULT_MODEL_NAME
-    if not (path / "config.json").exists():
-        from shards.random_model import save_random_model
-
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_random_model("llama", tmp, seed=0)
-        tmp.rename(path)  # atomic: a half-written model is never mistaken for a cached one
-    return path
-
-
-def even_splits(num_layers: int, parts: int) -> list[str]:
-    """'a:b' ranges that cover num_layers in `parts` contiguous pieces of near-equal size."""
-    parts = max(1, min(parts, num_layers))
-    bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
-    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
-
 
 @dataclass
 class CheckReport:
@@ -54,7 +30,7 @@ class CheckReport:
 def run_check(model: str | None, shards: int = 2, splits: list[str] | None = None, device: str | None = None,
               dtype: str | None = None, quant: str | None = None, prompt_tokens: int = 16,
               new_tokens: int = 16, compare: bool = True) -> CheckReport:
-    source = str(model) if model else str(default_model_dir())
+    source = str(model) if model else str(demo_model_dir())
     started = time.perf_counter()
     ckpt = open_checkpoint(source)
     config = ckpt.load_config()
