@@ -42,8 +42,7 @@ class Donor:
         self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout)
         self.worker = BatchingExecutor(shard, settings.max_batch)
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
-                                      describe={"backend": getattr(shard, "device_info", None) and
-                                                shard.device_info.backend, "device": device})
+                                      describe={"backend": shard.device_info.backend, "device": device})
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self.address = ""
@@ -70,9 +69,8 @@ class Donor:
                 log.info("closed %d idle session(s)", len(expired))
 
     def record(self, peer_id: str) -> DonorRecord:
-        info = getattr(self.shard, "device_info", None)
         return DonorRecord(model=self.settings.model_id, start=self.shard.start, end=self.shard.end,
-                           peer_id=peer_id, address=self.address, backend=info.backend if info else "cpu",
+                           peer_id=peer_id, address=self.address, backend=self.shard.device_info.backend,
                            dtype=str(self.shard.dtype).removeprefix("torch."), throughput=round(self.throughput, 3),
                            free_cache_tokens=self.sessions.free_tokens(), revision=self.settings.revision,
                            device=self.device)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shards.device import DeviceInfo, detect_device
 from shards.layers import RMSNorm
 
 
 class ModelEdges(nn.Module):
     """embed(ids) gives the first layer's input; logits(hidden) turns the last layer's output into logits."""
 
-    def __init__(self, config, tied: bool):
+    def __init__(self, config, tied: bool, device_info: DeviceInfo | None = None):
         super().__init__()
         self.config = config
+        self.device_info = device_info or detect_device("cpu")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

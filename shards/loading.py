@@ -82,10 +82,7 @@ def load_shard(model: str | Path | Checkpoint, layers: str | tuple[int, int] | N
         if quant is not None:
             quantize_block(block, quant, compute_dtype, info.torch_device, family.layer_prefix.format(layer))
     rotary = RotaryEmbedding(config, head_dim(config), info.torch_device)
-    shard = Shard(config, family, start, end, blocks, rotary, compute_dtype)
-    shard.quantization = quant
-    shard.device_info = info
-    return shard.eval()
+    return Shard(config, family, start, end, blocks, rotary, compute_dtype, info, quant).eval()
 
 
 def load_edges(model: str | Path | Checkpoint, *, device: str | DeviceInfo | None = None,
@@ -99,7 +96,7 @@ def load_edges(model: str | Path | Checkpoint, *, device: str | DeviceInfo | Non
     compute_dtype = choose_dtype(info, dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or not ckpt.has(family.head_name)
     with torch.device("meta"):
-        edges = ModelEdges(config, tied)
+        edges = ModelEdges(config, tied, info)
     names = {"embed_tokens.weight": family.embed_name, "norm.weight": family.norm_name}
     if not tied:
         names["lm_head.weight"] = family.head_name
@@ -108,7 +105,6 @@ def load_edges(model: str | Path | Checkpoint, *, device: str | DeviceInfo | Non
     edges.load_state_dict(state, strict=False, assign=True)
     if tied:
         edges.lm_head.weight = edges.embed_tokens.weight
-    edges.device_info = info
     return edges.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shards.device import DeviceInfo, detect_device
 from shards.errors import LayerRangeError
 from shards.families import Family
 from shards.families.base import head_dim
@@ -17,7 +18,8 @@ class Shard(nn.Module):
     """Runs hidden states through layers [start, end); holds no embeddings or head."""
 
     def __init__(self, config, family: Family, start: int, end: int, blocks: list[DecoderBlock],
-                 rotary: RotaryEmbedding, dtype: torch.dtype):
+                 rotary: RotaryEmbedding, dtype: torch.dtype, device_info: DeviceInfo | None = None,
+                 quantization: str | None = None):
         super().__init__()
         self.config = config
         self.family = family
@@ -25,7 +27,8 @@ class Shard(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.rotary = rotary
         self.dtype = dtype  # compute dtype of activations and KV cache
-        self.quantization: str | None = None
+        self.device_info = device_info or detect_device("cpu")
+        self.quantization = quantization
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,33 @@
+"""Every benchmark runs at its tiny size in CI, so none of them rots. (Numbers are not asserted here:
+this machine is shared and noisy; benchmarks/RESULTS.md has the measured figures.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(script: str, *args: str, tmp_path) -> dict:
+    out_file = tmp_path / f"{script}.json"
+    out = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--json", str(out_file)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "command: python" in out.stdout
+    return json.loads(out_file.read_text())
+
+
+def test_hop_latency_benchmark(tmp_path):
+    result = run_benchmark("hop_latency", "--steps", "20", "--donors", "1,2", tmp_path=tmp_path)
+    assert [r["donors"] for r in result["results"]] == [1, 2]
+    assert all(r["step_ms"] > 0 and r["added_per_hop_ms"] > 0 for r in result["results"])
+
+
+def test_transport_benchmark(tmp_path):
+    result = run_benchmark("transport", "--sizes", "8192,1048576", "--seconds", "0.2", tmp_path=tmp_path)
+    rows = {r["bytes"]: r for r in result["results"]}
+    assert set(rows) == {8192, 1048576}
+    assert all(r["mesh_rtt_ms"] > 0 and r["libp2p_rtt_ms"] > 0 for r in rows.values())
