@@ -61,7 +61,8 @@ def measure(model_dir: str, donors: int, steps: int, threads: int) -> dict:
         finally:
             model.close()
     # This machine is noisy (shared, 2 vCPUs): also report the quietest block of 50 steps.
-    blocks = [statistics.median(added[i:i + 50]) for i in range(0, len(added) - 49, 50)]
+    block = min(50, len(added))
+    blocks = [statistics.median(added[i:i + block]) for i in range(0, len(added) - block + 1, block)]
     return {"donors": donors, "hops": hops, "step_ms": statistics.median(totals) * 1000,
             "added_per_hop_ms": statistics.median(added) / hops * 1000,
             "added_per_hop_p90_ms": sorted(added)[int(0.9 * len(added))] / hops * 1000,
