@@ -31,3 +31,10 @@ def test_transport_benchmark(tmp_path):
     rows = {r["bytes"]: r for r in result["results"]}
     assert set(rows) == {8192, 1048576}
     assert all(r["mesh_rtt_ms"] > 0 and r["libp2p_rtt_ms"] > 0 for r in rows.values())
+
+
+def test_generate_benchmark(tmp_path):
+    result = run_benchmark("generate", "--size", "tiny", "--donors", "1", "--new-tokens", "8", tmp_path=tmp_path)
+    ways = [r["way"] for r in result["results"]]
+    assert ways == ["transformers generate", "local shards", "mesh, 1 donor(s)"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in result["results"])
