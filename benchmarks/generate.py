@@ -6,7 +6,7 @@ hop per step (its step time minus the local shards' step time, divided by the ho
 mesh ÷ transformers. Local runs use every core; donors take turns in a chain, so each gets every
 core too; the client keeps one thread.
 
-Usage: python benchmarks/generate.py [--size tiny|mid] [--donors 1,2,4] [--new-tokens 64] [--json FILE]
+Usage: python -m benchmarks.generate [--size tiny|mid] [--donors 1,2,4] [--new-tokens 64] [--json FILE]
 """
 
 from __future__ import annotations

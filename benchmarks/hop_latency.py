@@ -6,7 +6,7 @@ Each donor reports its own compute time for each step; what remains is what the 
 
     added per hop = median over steps of (step time - sum of the donors' compute times) / k
 
-Usage: python benchmarks/hop_latency.py [--donors 1,2,4] [--steps 300] [--model DIR] [--json FILE]
+Usage: python -m benchmarks.hop_latency [--donors 1,2,4] [--steps 300] [--model DIR] [--json FILE]
 """
 
 from __future__ import annotations

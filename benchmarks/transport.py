@@ -4,7 +4,7 @@ Both run on loopback in this run: our frames (blocking client, asyncio + uvloop 
 process, echoing a float32 tensor) and a hivemind P2P binary stream between two daemons (echoing
 the same bytes, length-prefixed). Message sizes: 8 KB, 1 MB, 16 MB.
 
-Usage: python benchmarks/transport.py [--sizes 8192,1048576,16777216] [--seconds 2] [--json FILE]
+Usage: python -m benchmarks.transport [--sizes 8192,1048576,16777216] [--seconds 2] [--json FILE]
 """
 
 from __future__ import annotations

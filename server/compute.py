@@ -58,6 +58,7 @@ class ComputeStats:
 
 
 MIN_CONCURRENCY_WINDOW = 0.01  # seconds; see BatchingExecutor.submit
+MAX_FLUSH_SECONDS = 0.05  # a flush that has run this long hands the loop back before its next group
 
 
 class BatchingExecutor:
@@ -106,9 +107,17 @@ class BatchingExecutor:
 
     def _flush(self) -> None:
         jobs, self._pending, self._flush_scheduled = self._pending, [], False
+        started = time.perf_counter()
+        groups = self._plan(jobs)
         with torch.inference_mode():
-            for group in self._plan(jobs):
-                self._execute(group)
+            while groups:
+                self._execute(groups.pop(0))
+                if groups and time.perf_counter() - started > MAX_FLUSH_SECONDS:
+                    # Let the loop breathe (pings, new sessions, more steps to batch), then go on.
+                    self._pending = [job for group in groups for job in group] + self._pending
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush)
+                    return
 
     def _plan(self, jobs: list[Job]) -> list[list[Job]]:
         groups: dict[tuple[int, int], list[Job]] = defaultdict(list)

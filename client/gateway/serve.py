@@ -27,6 +27,10 @@ def build(options: GatewayOptions):
     model = MeshModel.from_pretrained(options.model, initial_peers=options.initial_peers,
                                       model_name=options.model_name, route_timeout=options.route_timeout,
                                       request_timeout=options.request_timeout)
+    if model.tokenizer is None:
+        model.close()
+        raise SystemExit(f"mesh gateway: {options.model} has no tokenizer; the OpenAI API speaks text, so the "
+                         "gateway needs one (tokenizer.json or equivalent beside the model's config)")
     served = options.served_model_name or model.swarm.model_id
     settings = GatewaySettings(served_model_name=served, api_keys=list(options.api_keys))
     return create_app(Engine(model, options.max_concurrency), settings), model

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_benchmark(script: str, *args: str, tmp_path) -> dict:
     out_file = tmp_path / f"{script}.json"
-    out = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--json", str(out_file)],
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args, "--json", str(out_file)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "command: python" in out.stdout
@@ -38,3 +38,11 @@ def test_generate_benchmark(tmp_path):
     ways = [r["way"] for r in result["results"]]
     assert ways == ["transformers generate", "local shards", "mesh, 1 donor(s)"]
     assert all(r["decode_tokens_per_s"] > 0 for r in result["results"])
+
+
+def test_concurrency_benchmark(tmp_path):
+    result = run_benchmark("concurrency", "--size", "tiny", "--sessions", "1,4", "--new-tokens", "6",
+                           tmp_path=tmp_path)
+    rows = [(r["via"], r["sessions"]) for r in result["results"]]
+    assert rows == [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4)]
+    assert all(r["aggregate_tokens_per_s"] > 0 for r in result["results"])

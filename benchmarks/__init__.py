@@ -1,0 +1,10 @@
+"""Standalone benchmarks (run from the repository root as `python -m benchmarks.NAME`); each prints
+one table last, writes JSON with --json, and stops every process it started by PID.
+
+Map:
+  hop_latency.py  added latency per hop per decode step, through 1, 2 and 4 donors
+  transport.py    round trip and bandwidth of the data plane beside hivemind's libp2p streams
+  generate.py     transformers generate vs the project's shards vs the mesh (decode, TTFT, prefill)
+  concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway
+Results, machines and command lines: RESULTS.md.
+"""

@@ -1,0 +1,163 @@
+"""Concurrent sessions on one donor, through the Python client and through the gateway.
+
+A bootstrap node and one donor serving every layer; N sessions generate at once (N threads of one
+MeshModel, or N streaming requests to the gateway). Reports aggregate decode tokens/s, per-session
+tokens/s, p50/p99 inter-token latency, and the donor's batch sizes. The ratio that matters:
+aggregate tokens/s at 16 sessions ÷ a single session's.
+
+Usage: python -m benchmarks.concurrency [--size tiny|mid] [--sessions 1,4,16,64] [--new-tokens 32] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.generate import SIZES
+
+PROMPT_TOKENS = 32
+
+
+def summarize(streams: list[list[float]], started: float) -> dict:
+    """Token timestamps per session -> aggregate and per-session decode rates, inter-token latencies."""
+    gaps = [b - a for stamps in streams for a, b in zip(stamps, stamps[1:])]
+    first = min(s[0] for s in streams)
+    last = max(s[-1] for s in streams)
+    decoded = sum(len(s) - 1 for s in streams)
+    per_session = [(len(s) - 1) / (s[-1] - s[0]) for s in streams if len(s) > 1]
+    gaps.sort()
+    return {"sessions": len(streams), "aggregate_tokens_per_s": decoded / (last - first),
+            "per_session_tokens_per_s": statistics.median(per_session),
+            "p50_inter_token_ms": gaps[len(gaps) // 2] * 1000, "p99_inter_token_ms": gaps[int(0.99 * (len(gaps) - 1))] * 1000,
+            "wall_s": last - started}
+
+
+def client_run(model, sessions: int, new_tokens: int) -> dict:
+    streams: list[list[float]] = [[] for _ in range(sessions)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(sessions + 1)
+
+    def one(index: int):
+        prompt = [(7 * index + i) % 200 + 1 for i in range(PROMPT_TOKENS)]
+        barrier.wait()
+        try:
+            for _ in model.stream(prompt, max_new_tokens=new_tokens, stop_tokens=[]):
+                streams[index].append(time.perf_counter())
+        except BaseException as err:  # reported below, in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {sessions} sessions failed; first: {errors[0]!r}")
+    return summarize(streams, started)
+
+
+def gateway_run(base_url: str, served: str, sessions: int, new_tokens: int) -> dict:
+    import openai
+
+    async def one(client, index, stamps):
+        prompt = [(7 * index + i) % 200 + 1 for i in range(PROMPT_TOKENS)]
+        stream = await client.completions.create(model=served, prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                                 stream=True)
+        async for _ in stream:
+            stamps.append(time.perf_counter())
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=600)
+        streams = [[] for _ in range(sessions)]
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, i, streams[i]) for i in range(sessions)))
+        await client.close()
+        return summarize([s[:-1] for s in streams], started)  # the last chunk only carries finish_reason
+
+    return asyncio.run(run())
+
+
+def donor_batches(port: int) -> dict:
+    from mesh.transport import Connection
+
+    connection = Connection.open("127.0.0.1", port)
+    try:
+        return connection.request({"type": "info"}, timeout=10).header["compute"]["batch_sizes"]
+    finally:
+        connection.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--sessions", default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the donor")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    counts = [int(n) for n in args.sessions.split(",")]
+    from client import MeshModel
+    from mesh.launcher import LocalSwarm
+    from shards.demo_model import build_tokenizer
+    from shards.random_model import save_random_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(ready_timeout=300) as swarm:
+        # The gateway answers in text, so the model gets the demo model's tokenizer (and its vocabulary size).
+        tokenizer = build_tokenizer()
+        size = {**SIZES[args.size], "vocab_size": len(tokenizer)}
+        path = str(save_random_model("llama", Path(tmp) / f"{args.size}-llama", initializer_range=0.02,
+                                     max_position_embeddings=4096, **size))
+        tokenizer.save_pretrained(path)
+        swarm.start_dht()
+        [donor] = swarm.start_donors(path, [f"0:{SIZES[args.size]['num_hidden_layers']}"], "--torch-threads",
+                                     str(args.threads), "--cache-tokens", str(max(counts) * (PROMPT_TOKENS + args.new_tokens) * 2))
+        with MeshModel.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
+            model.generate([1, 2, 3], max_new_tokens=2)  # warm-up
+            for n in counts:
+                before = donor_batches(donor.port)
+                rows.append({"via": "python client", **client_run(model, n, args.new_tokens),
+                             "batches": _diff(donor_batches(donor.port), before)})
+        _, base_url = swarm.start_gateway(path, 0, "--served-model-name", "bench", "--max-concurrency",
+                                          str(max(counts)))
+        for n in counts:
+            before = donor_batches(donor.port)
+            rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
+                         "batches": _diff(donor_batches(donor.port), before)})
+    for row in rows:
+        single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
+        row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
+          f"per session; donor torch threads {args.threads}, client 1")
+    print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'per session':>12} "
+          f"{'p50 ms':>8} {'p99 ms':>8}  most common batch")
+    for r in rows:
+        common = max(r["batches"].items(), key=lambda kv: kv[1])[0] if r["batches"] else "-"
+        print(f"{r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} {r['vs_single']:>9.2f} "
+              f"{r['per_session_tokens_per_s']:>12.1f} {r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f}  {common}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=2))
+    return 0
+
+
+def _diff(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
