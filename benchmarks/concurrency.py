@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.generate import SIZES
+from benchmarks.report import command_line, save
 
 PROMPT_TOKENS = 32
 
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     for row in rows:
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line(argv, "benchmarks.concurrency")
     print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
           f"per session; donor torch threads {args.threads}, client 1")
     print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'per session':>12} "
@@ -150,8 +149,7 @@ def main(argv=None) -> int:
         common = max(r["batches"].items(), key=lambda kv: kv[1])[0] if r["batches"] else "-"
         print(f"{r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} {r['vs_single']:>9.2f} "
               f"{r['per_session_tokens_per_s']:>12.1f} {r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f}  {common}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=2))
+    save(args.json, command, rows)
     return 0
 
 

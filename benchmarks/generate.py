@@ -12,15 +12,15 @@ Usage: python -m benchmarks.generate [--size tiny|mid] [--donors 1,2,4] [--new-t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import command_line, save
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         row["vs_transformers"] = row["decode_tokens_per_s"] / reference
         if "donors" in row:
             row["added_per_hop_ms"] = (row["step_ms"] - local) / row["donors"]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line(argv, "benchmarks.generate")
     print(f"\ncommand: {command}\nmodel: {args.size} random llama {SIZES[args.size]}; prompt {len(PROMPT)} tokens, "
           f"{args.new_tokens} new; torch threads: {args.threads} (local, donors), 1 (mesh client)")
     print(f"{'way':<22} {'decode tok/s':>12} {'÷ transformers':>15} {'TTFT ms':>9} {'prefill tok/s':>14} "
@@ -133,8 +133,7 @@ def main(argv=None) -> int:
         added = f"{row['added_per_hop_ms']:>13.3f}" if "added_per_hop_ms" in row else f"{'-':>13}"
         print(f"{row['way']:<22} {row['decode_tokens_per_s']:>12.1f} {row['vs_transformers']:>15.3f} "
               f"{row['ttft_ms']:>9.1f} {row['prefill_tokens_per_s']:>14.0f} {added}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=2))
+    save(args.json, command, rows)
     return 0
 
 

@@ -12,8 +12,6 @@ Usage: python -m benchmarks.hop_latency [--donors 1,2,4] [--steps 300] [--model 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import command_line, save
 
 from client import MeshModel
 from client.session import RemoteSession, SessionConfig
@@ -86,14 +86,13 @@ def main(argv=None) -> int:
             model_dir = str(save_random_model("llama", Path(tmp) / "tiny-llama", num_hidden_layers=8,
                                                     max_position_embeddings=4096))
         results = [measure(model_dir, int(k), args.steps, args.threads) for k in args.donors.split(",")]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line(argv, "benchmarks.hop_latency")
     print(f"\ncommand: {command}\nthreads: torch {args.threads} per process; model: {args.model or 'tiny random llama, 8 layers'}")
     print(f"{'donors':>6} {'hops':>4} {'step ms':>8} {'added/hop ms: median':>21} {'p90':>6} {'quietest 50':>11}")
     for r in results:
         print(f"{r['donors']:>6} {r['hops']:>4} {r['step_ms']:>8.3f} {r['added_per_hop_ms']:>21.3f} "
               f"{r['added_per_hop_p90_ms']:>6.3f} {r['added_per_hop_best_block_ms']:>11.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "results": results}, indent=2))
+    save(args.json, command, results)
     return 0
 
 

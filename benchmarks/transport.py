@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import shlex
 import statistics
 import struct
 import subprocess
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import command_line, save
 
 
 def serve_echo() -> None:
@@ -52,7 +52,9 @@ def time_calls(call, seconds: float, min_calls: int = 5) -> list[float]:
 def measure_mesh(sizes: list[int], seconds: float) -> dict[int, float]:
     from mesh.transport import Connection
 
-    child = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.transport", "--serve"], stdout=subprocess.PIPE,
+                             text=True, cwd=root)
     try:
         connection = Connection.open("127.0.0.1", int(child.stdout.readline()), max_payload=1 << 30)
         results = {}
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     mesh = measure_mesh(sizes, args.seconds)
     hive = {} if args.no_hivemind else asyncio.run(_measure_hivemind(sizes, args.seconds))
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line(argv, "benchmarks.transport")
     print(f"\ncommand: {command}")
     print(f"{'size':>10} {'mesh RTT ms':>12} {'mesh MB/s':>10} {'libp2p RTT ms':>14} {'libp2p MB/s':>12} {'speed-up':>9}")
     rows = []
@@ -137,8 +139,7 @@ def main(argv=None) -> int:
                  if theirs else f"{'-':>14} {'-':>12} {'-':>9}")
         print(f"{size:>10} {row['mesh_rtt_ms']:>12.3f} {row['mesh_mb_per_s']:>10.0f} {other}")
     print("MB/s counts the bytes of both directions of a round trip.")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=2))
+    save(args.json, command, rows)
     return 0
 
 
