@@ -89,6 +89,27 @@ def gateway_run(base_url: str, served: str, sessions: int, new_tokens: int) -> d
     return asyncio.run(run())
 
 
+def shard_alone(path: str, counts: list[int], threads: int, context: int) -> dict[int, float]:
+    """Decode tokens/s of the shard itself, one batched step over n sessions: the ceiling for the mesh."""
+    from shards import load_shard
+
+    torch.set_num_threads(threads)
+    shard = load_shard(path)
+    rates = {}
+    for n in counts:
+        caches = [shard.new_cache(context + 16) for _ in range(n)]
+        for cache in caches:
+            shard(torch.randn(1, context, shard.config.hidden_size), [cache])
+        step = torch.randn(n, 1, shard.config.hidden_size)
+        shard(step, caches)  # warm-up
+        started = time.perf_counter()
+        for _ in range(5):
+            shard(step, caches)
+        rates[n] = 5 * n / (time.perf_counter() - started)
+    torch.set_num_threads(1)
+    return rates
+
+
 def donor_batches(port: int) -> dict:
     from mesh.transport import Connection
 
@@ -137,6 +158,10 @@ def main(argv=None) -> int:
             before = donor_batches(donor.port)
             rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
                          "batches": _diff(donor_batches(donor.port), before)})
+        alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS)  # the swarm is idle by now
+    rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "per_session_tokens_per_s": rate / n,
+              "p50_inter_token_ms": 1000 * n / rate, "p99_inter_token_ms": 1000 * n / rate, "batches": {str(n): 5}}
+             for n, rate in alone.items()]
     for row in rows:
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]

@@ -166,7 +166,8 @@ def install_fast_event_loop() -> None:
 class Connection:
     """The client side of one TCP connection: blocking request/reply, one request at a time.
 
-    Blocking on purpose. Measured on the 2-core test machine, with a donor computing 2 ms per step:
+    Blocking on purpose. Measured during development on the 2-core test machine (throwaway echo
+    scripts; benchmarks/RESULTS.md), with the server computing 2 ms per request:
     an asyncio client added 0.49 ms per round trip on top of the donor's compute, a thread blocked
     in recv 0.27 ms. Waking an event loop after a few idle milliseconds (epoll, callbacks, a future,
     a task) costs more than the network itself. Concurrency comes from threads, one per session.

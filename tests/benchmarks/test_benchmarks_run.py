@@ -44,5 +44,6 @@ def test_concurrency_benchmark(tmp_path):
     result = run_benchmark("concurrency", "--size", "tiny", "--sessions", "1,4", "--new-tokens", "6",
                            tmp_path=tmp_path)
     rows = [(r["via"], r["sessions"]) for r in result["results"]]
-    assert rows == [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4)]
+    assert rows == [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4),
+                    ("shard alone", 1), ("shard alone", 4)]
     assert all(r["aggregate_tokens_per_s"] > 0 for r in result["results"])

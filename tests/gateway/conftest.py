@@ -11,6 +11,7 @@ import pytest
 from mesh.launcher import LocalSwarm
 
 API_KEY = "test-key"
+SERVED = "demo"
 
 
 def free_port() -> int:
@@ -83,3 +84,18 @@ def start_gateway():
     yield start
     for gateway in running:
         gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_swarm, demo_model, start_gateway):
+    """The gateway most tests talk to: the demo swarm, served as SERVED, behind API_KEY."""
+    from client.gateway.serve import GatewayOptions
+
+    return start_gateway(GatewayOptions(model=str(demo_model), initial_peers=demo_swarm.initial_peers,
+                                        served_model_name=SERVED, api_keys=[API_KEY], route_timeout=30))
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    """The real openai SDK, strict response validation, no retries."""
+    return gateway.sdk()

@@ -8,21 +8,9 @@ import pytest
 
 from client import MeshSessionError, TokenEvent
 from client.gateway.serve import GatewayOptions
-from tests.gateway.conftest import API_KEY
+from tests.gateway.conftest import API_KEY, SERVED
 
-SERVED = "demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-@pytest.fixture(scope="module")
-def gateway(demo_swarm, demo_model, start_gateway):
-    return start_gateway(GatewayOptions(model=str(demo_model), initial_peers=demo_swarm.initial_peers,
-                                        served_model_name=SERVED, api_keys=[API_KEY], route_timeout=30))
-
-
-@pytest.fixture(scope="module")
-def sdk(gateway):
-    return gateway.sdk()
 
 
 @pytest.mark.parametrize("change, param", [

@@ -10,24 +10,11 @@ import httpx
 import openai
 import pytest
 
-from client.gateway.serve import GatewayOptions
 from mesh.transport import Connection
-from tests.gateway.conftest import API_KEY
+from tests.gateway.conftest import API_KEY, SERVED
 
-SERVED = "demo"
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]}]
-
-
-@pytest.fixture(scope="module")
-def gateway(demo_swarm, demo_model, start_gateway):
-    return start_gateway(GatewayOptions(model=str(demo_model), initial_peers=demo_swarm.initial_peers,
-                                        served_model_name=SERVED, api_keys=[API_KEY], route_timeout=30))
-
-
-@pytest.fixture(scope="module")
-def sdk(gateway):
-    return gateway.sdk()
 
 
 def reference_text(gateway, ids, max_tokens, stop=(), **sampling) -> tuple[str, list[int]]:
