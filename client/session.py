@@ -27,7 +27,7 @@ RECOVERABLE = (ConnectionLost, RemoteError, TimeoutError, OSError)
 class SessionConfig:
     max_length: int
     request_timeout: float = 30.0  # one request to one donor
-    connect_timeout: float = 5.0
+    connect_timeout: float = 15.0  # a loaded donor answers a new connection between two batches
     max_failovers: int = 8  # per session
     recovery_deadline: float = 60.0  # to get one step through, failovers included
 
