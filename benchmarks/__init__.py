@@ -6,5 +6,6 @@ Map:
   transport.py    round trip and bandwidth of the data plane beside hivemind's libp2p streams
   generate.py     transformers generate vs the project's shards vs the mesh (decode, TTFT, prefill)
   concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway
+  memory.py       a serving donor's peak resident memory against weights plus cache budget
 Results, machines and command lines: RESULTS.md.
 """

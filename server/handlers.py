@@ -27,6 +27,7 @@ class DonorHandlers:
         self.model_id = model_id
         self.max_forward_tokens = max_forward_tokens
         self.describe = describe or {}
+        self.weight_bytes = shard.weight_bytes()
         self.routes = {"ping": self.ping, "info": self.info, "open": self.open, "step": self.step,
                        "close": self.close, "forward": self.forward}
 
@@ -45,7 +46,8 @@ class DonorHandlers:
                     "dtype": str(self.shard.dtype).removeprefix("torch."), "sessions": len(self.sessions.sessions),
                     "sessions_opened": self.sessions.opened_total, "free_cache_bytes": self.sessions.free_bytes,
                     "free_cache_tokens": self.sessions.free_tokens(),
-                    "cache_budget_bytes": self.sessions.budget_bytes,
+                    "cache_budget_bytes": self.sessions.budget_bytes, "weight_bytes": self.weight_bytes,
+                    "peak_rss_bytes": process_memory("VmHWM"), "rss_bytes": process_memory("VmRSS"),
                     "compute": self.worker.stats.as_dict(), **self.describe})
 
     def open(self, message, connection, respond):
@@ -115,6 +117,18 @@ class DonorHandlers:
                 or (batch is not None and hidden.shape[0] != batch):
             raise ProtocolError("bad_tensor", f"hidden states must have shape {expected}, got {list(hidden.shape)}")
         return hidden
+
+
+def process_memory(field: str) -> int | None:
+    """This process's resident memory (VmRSS) or its peak (VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _reply_with_result(respond: Responder):

@@ -15,6 +15,7 @@ from mesh.placement import choose_range
 from mesh.records import model_id_for
 from mesh.transport import install_fast_event_loop
 from server.donor import Donor, DonorSettings, Heartbeat, ready_line
+from server.handlers import process_memory
 from server.throughput import measure_throughput
 from shards.checkpoint import Checkpoint
 from shards.device import DeviceInfo, choose_dtype, detect_device
@@ -99,6 +100,7 @@ def serve(opts: ServeOptions) -> int:
     try:
         start, end = pick_layers(opts, ckpt, config, model_id, dht, info, dtype)
         print(f"loading layers {start}:{end} of {model_id} on {info.describe(dtype)}", flush=True)
+        baseline = process_memory("VmRSS")  # interpreter, libraries, DHT client: before any weight
         shard = load_shard(ckpt, (start, end), device=info, dtype=dtype, quant=opts.quant)
         throughput = measure_throughput(shard)
         public_host = opts.public_address or (opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1")
@@ -107,6 +109,7 @@ def serve(opts: ServeOptions) -> int:
                                  announce_interval=opts.announce_interval, max_batch=opts.max_batch,
                                  revision=opts.revision or "main")
         donor = Donor(shard, settings, throughput, info.describe(dtype))
+        donor.handlers.describe["baseline_rss_bytes"] = baseline
         install_fast_event_loop()
         asyncio.run(_run(donor, dht, config.num_hidden_layers, opts.announce_interval))
     finally:

@@ -47,3 +47,9 @@ def test_concurrency_benchmark(tmp_path):
     assert rows == [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4),
                     ("shard alone", 1), ("shard alone", 4)]
     assert all(r["aggregate_tokens_per_s"] > 0 for r in result["results"])
+
+
+def test_memory_benchmark(tmp_path):
+    [result] = run_benchmark("memory", "--size", "tiny", "--cache-tokens", "256", tmp_path=tmp_path)["results"]
+    assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
+    assert result["weight_bytes"] > 0 and result["cache_budget_bytes"] > 0

@@ -43,7 +43,8 @@ def test_step_beyond_reserved_length_is_refused_and_changes_nothing(model_dir):
     with pytest.raises(CacheOverflowError, match="exceeds the 8 tokens reserved"):
         shard(torch.randn(1, 3, shard.config.hidden_size), [cache])
     assert cache.length == 6
-    assert torch.equal(cache.keys, before)
+    # Compare bit patterns: the slots after `length` are uninitialised memory and may hold NaNs.
+    assert torch.equal(cache.keys.view(torch.int32), before.view(torch.int32))
 
 
 def test_cache_size_is_known_before_allocation(model_dir):
