@@ -64,10 +64,6 @@ class Checkpoint:
         return None  # a hub id such as "org/name"
 
     @property
-    def is_local(self) -> bool:
-        return self._local_dir is not None
-
-    @property
     def directory(self) -> Path:
         """Where the checkpoint's files are (for a hub id: the local snapshot folder)."""
         return self._local_dir if self._local_dir is not None else self.config_path.parent
@@ -115,9 +111,6 @@ class Checkpoint:
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
-
-    def files_for(self, names: Iterable[str]) -> set[str]:
-        return {self.weight_map[n] for n in names if n in self.weight_map}
 
     def entry(self, name: str) -> TensorEntry:
         """Dtype and shape of a tensor (reads only the header of the file that holds it)."""

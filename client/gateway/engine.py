@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from client import MeshModel, SamplingParams, TokenEvent
+from client import MeshModel, SamplingParams
 
 _OPENED, _TOKEN, _PROMPT, _END, _ERROR = "opened", "token", "prompt", "end", "error"
 
@@ -106,6 +106,3 @@ class Engine:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-
-async def collect(generation: Generation) -> list[TokenEvent]:
-    return [event async for event in generation.events()]
