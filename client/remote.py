@@ -6,8 +6,9 @@ import time
 
 import torch
 
+from mesh.protocol import WireTensor
 from mesh.routing import Hop
-from mesh.transport import Connection
+from mesh.transport import Connection, RemoteError
 
 
 class RemoteSpan:
@@ -36,13 +37,19 @@ class RemoteSpan:
         self.session = reply.header["session"]
         self.position = 0
 
-    def step(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
-        """Run hidden [1, T, D] through this hop's session; its cache grows by T."""
+    def step(self, hidden: torch.Tensor | WireTensor, timeout: float) -> WireTensor:
+        """Run hidden [1, T, D] through this hop's session; its cache grows by T.
+
+        The result stays in wire form: the next hop takes it as it is, and only the last one is
+        turned into a torch tensor (by the caller)."""
         reply = self.connection.request(
             {"type": "step", "session": self.session, "position": self.position}, [hidden], timeout=timeout)
+        if len(reply.wire) != 1 or reply.wire[0].shape != tuple(hidden.shape):
+            raise RemoteError("bad_reply", f"{self.hop.donor.address} answered a step of shape "
+                                           f"{list(hidden.shape)} with {[w.spec for w in reply.wire]}")
         self.position += hidden.shape[1]
         self.last_compute_seconds = reply.header.get("compute_ms", 0.0) / 1000
-        return reply.tensors[0]
+        return reply.wire[0]
 
     def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
         reply = self.connection.request(

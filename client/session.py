@@ -16,6 +16,7 @@ import torch
 
 from client.remote import RemoteSpan
 from client.swarm import Swarm
+from mesh.protocol import WireTensor
 from mesh.routing import Hop, NoRouteError
 from mesh.transport import ConnectionLost, RemoteError
 
@@ -47,7 +48,8 @@ class RemoteSession:
         self.start = start
         self.end = swarm.num_layers if end is None else end
         self.spans: list[RemoteSpan] = []
-        self.inputs: dict[int, list[torch.Tensor]] = {}  # boundary layer -> chunks sent across it
+        # boundary layer -> chunks sent across it (torch tensors or, between hops, wire tensors)
+        self.inputs: dict[int, list[torch.Tensor | WireTensor]] = {}
         self.position = 0
         self.failovers = 0
         self.last_failover_seconds: float | None = None
@@ -81,7 +83,7 @@ class RemoteSession:
             x = y
             index += 1
         self.position += hidden.shape[1]
-        return x
+        return _as_torch(x)
 
     def close(self) -> None:
         spans, self.spans = self.spans, []
@@ -122,7 +124,7 @@ class RemoteSession:
     def _replay(self, spans: list[RemoteSpan], start: int) -> None:
         if self.position == 0:
             return
-        x = torch.cat(self.inputs[start], dim=1)  # [1, position, D]
+        x = torch.cat([_as_torch(chunk) for chunk in self.inputs[start]], dim=1)  # [1, position, D]
         for span in spans:
             try:
                 y = span.step(x, self.config.request_timeout)
@@ -161,6 +163,10 @@ class RemoteSession:
                 _close_all(spans)
                 if time.monotonic() > deadline:
                     raise MeshSessionError(f"no working donors for layers {start}:{end}: {err}") from None
+
+
+def _as_torch(x: torch.Tensor | WireTensor) -> torch.Tensor:
+    return x.to_torch() if isinstance(x, WireTensor) else x
 
 
 def _close_all(spans: list[RemoteSpan]) -> None:

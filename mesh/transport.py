@@ -103,13 +103,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if self._header_len is None:
                 if available < PREFIX.size:
                     return
-                self._header_len, self._payload_len = parse_prefix(
-                    bytes(self._staging[self._begin:self._begin + PREFIX.size]), self.max_payload)
+                self._header_len, self._payload_len = parse_prefix(self._staging, self._begin, self.max_payload)
                 self._begin += PREFIX.size
             elif self._header is None:
                 if available < self._header_len:
                     return self._make_room(self._header_len)
-                self._header = decode_header(bytes(self._staging[self._begin:self._begin + self._header_len]))
+                self._header = decode_header(memoryview(self._staging)[self._begin:self._begin + self._header_len])
                 self._begin += self._header_len
             elif available >= self._payload_len:
                 payload = self._staging[self._begin:self._begin + self._payload_len]  # a copy: writable
@@ -150,7 +149,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
 def write_message(transport: asyncio.Transport, header: dict, tensors=()) -> None:
     if not transport.is_closing():
-        transport.writelines(encode(header, list(tensors)))
+        buffers = encode(header, list(tensors))
+        if sum(len(b) for b in buffers) <= STAGING_BYTES:
+            transport.write(b"".join(buffers))  # one segment, so the peer wakes once per frame
+        else:
+            transport.writelines(buffers)
 
 
 def install_fast_event_loop() -> None:

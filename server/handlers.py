@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from mesh.protocol import Message, ProtocolError
+from mesh.protocol import Message, ProtocolError, WireTensor
 from mesh.transport import Responder
 from server.compute import BatchingExecutor
 from shards.errors import CacheOverflowError
 from server.sessions import SessionTable
 from shards.shard import Shard
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class DonorHandlers:
@@ -28,6 +28,7 @@ class DonorHandlers:
         self.max_forward_tokens = max_forward_tokens
         self.describe = describe or {}
         self.weight_bytes = shard.weight_bytes()
+        self.hidden_size = shard.config.hidden_size
         self.routes = {"ping": self.ping, "info": self.info, "open": self.open, "step": self.step,
                        "close": self.close, "forward": self.forward}
 
@@ -62,15 +63,17 @@ class DonorHandlers:
         header = message.header
         session = self.sessions.get(header.get("session"), owner=connection)
         position = _int_field(header, "position")
-        hidden = self._hidden(message, batch=1)
+        wire = self._hidden(message, batch=1)
         cache = session.cache
         if position > cache.length:
             raise ProtocolError("bad_request", f"position {position} is ahead of this session's {cache.length} tokens")
-        if position + hidden.shape[1] > cache.capacity:
-            raise ProtocolError("cache_overflow", f"step of {hidden.shape[1]} token(s) at position {position} "
+        if position + wire.shape[1] > cache.capacity:
+            raise ProtocolError("cache_overflow", f"step of {wire.shape[1]} token(s) at position {position} "
                                                   f"exceeds the {cache.capacity} tokens reserved for this session")
         if session.busy:
             raise ProtocolError("bad_request", "this session's previous step has not finished; send steps one at a time")
+        # A decode step is copied into the session's reusable input tensor: no torch call before compute.
+        hidden = session.step_input.load(wire) if wire.shape[1] == 1 else wire.to_torch()
         cache.truncate(position)  # a retried step overwrites what a lost reply had computed
         session.busy = True
 
@@ -89,10 +92,10 @@ class DonorHandlers:
 
     def forward(self, message, connection, respond):
         start, end = self._layers(message.header)
-        hidden = self._hidden(message, batch=None)
-        if hidden.shape[0] * hidden.shape[1] > self.max_forward_tokens:
+        wire = self._hidden(message, batch=None)
+        if wire.shape[0] * wire.shape[1] > self.max_forward_tokens:
             raise ProtocolError("too_large", f"a forward pass takes at most {self.max_forward_tokens} tokens")
-        self.worker.submit(hidden, (start, end), None, _reply_with_result(respond))
+        self.worker.submit(wire.to_torch(), (start, end), None, _reply_with_result(respond))
 
     def _layers(self, header: dict) -> tuple[int, int]:
         if header.get("model", self.model_id) != self.model_id:
@@ -104,18 +107,18 @@ class DonorHandlers:
                                                f"[{self.shard.start}, {self.shard.end})")
         return start, end
 
-    def _hidden(self, message: Message, batch: int | None) -> torch.Tensor:
-        if len(message.tensors) != 1:
-            raise ProtocolError("bad_tensor", f"expected exactly one tensor (hidden states), got {len(message.tensors)}")
-        hidden = message.tensors[0]
+    def _hidden(self, message: Message, batch: int | None) -> WireTensor:
+        """The request's hidden states, checked from the header alone: [batch, tokens, hidden], a float dtype."""
+        if len(message.wire) != 1:
+            raise ProtocolError("bad_tensor", f"expected exactly one tensor (hidden states), got {len(message.wire)}")
+        hidden = message.wire[0]
         if hidden.dtype not in FLOAT_DTYPES:
-            raise ProtocolError("bad_tensor", f"hidden states must be float32, float16 or bfloat16, not "
-                                              f"{str(hidden.dtype).removeprefix('torch.')}")
-        size = self.shard.config.hidden_size
-        expected = f"[{batch if batch else 'batch'}, tokens, {size}]"
-        if hidden.dim() != 3 or hidden.shape[2] != size or hidden.shape[1] < 1 or hidden.shape[0] < 1 \
-                or (batch is not None and hidden.shape[0] != batch):
-            raise ProtocolError("bad_tensor", f"hidden states must have shape {expected}, got {list(hidden.shape)}")
+            raise ProtocolError("bad_tensor", f"hidden states must be float32, float16 or bfloat16, not {hidden.dtype}")
+        shape = hidden.shape
+        if len(shape) != 3 or shape[2] != self.hidden_size or shape[1] < 1 or shape[0] < 1 \
+                or (batch is not None and shape[0] != batch):
+            expected = f"[{batch if batch else 'batch'}, tokens, {self.hidden_size}]"
+            raise ProtocolError("bad_tensor", f"hidden states must have shape {expected}, got {list(shape)}")
         return hidden
 
 

@@ -68,13 +68,14 @@ def test_large_payloads_bypass_the_staging_buffer_and_back_to_back_frames_split(
 
 def test_prefix_checks():
     good = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 10, 100)
-    assert parse_prefix(good, 1000) == (10, 100)
+    assert parse_prefix(good, 0, 1000) == (10, 100)
+    assert parse_prefix(b"junk" + good, 4, 1000) == (10, 100)
     for prefix, code in [(PREFIX.pack(b"HTTP", PROTOCOL_VERSION, 10, 0), "bad_frame"),
                          (PREFIX.pack(MAGIC, 2, 10, 0), "unsupported_version"),
                          (PREFIX.pack(MAGIC, PROTOCOL_VERSION, 1 << 20, 0), "too_large"),
                          (PREFIX.pack(MAGIC, PROTOCOL_VERSION, 10, 1001), "too_large")]:
         with pytest.raises(ProtocolError) as err:
-            parse_prefix(prefix, 1000)
+            parse_prefix(prefix, 0, 1000)
         assert err.value.code == code and err.value.fatal
 
 
