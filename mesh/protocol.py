@@ -68,11 +68,19 @@ class WireTensor:
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> "WireTensor":
-        if tensor.dtype not in DTYPE_NAMES:
+        name = DTYPE_NAMES.get(tensor.dtype)
+        if name is None:
             raise ValueError(f"cannot send a tensor of dtype {tensor.dtype}")
-        tensor = tensor.detach().cpu().contiguous()
+        # Each call below is skipped when it would be a no-op: a donor's output is usually a
+        # contiguous CPU tensor without autograd already, and every torch call counts here.
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         data = _tensor_bytes(tensor) if tensor.numel() else b""
-        return cls(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), data)
+        return cls(name, tuple(tensor.shape), data)
 
     def to_torch(self) -> torch.Tensor:
         """A tensor viewing `data` (no copy; writable when data is a bytearray)."""

@@ -181,6 +181,7 @@ class Connection:
         self.address = address
         self._ids = itertools.count()
         self._replies: list[Message] = []
+        self._timeout = sock.gettimeout()
         self._error: Exception | None = None
         self._parser = FrameProtocol(self._replies.append, self._on_fatal, lambda exc: None, max_payload)
 
@@ -199,7 +200,9 @@ class Connection:
         if self._error is not None:
             raise self._error
         request_id = next(self._ids)
-        self.sock.settimeout(timeout)
+        if timeout != self._timeout:  # settimeout is a system call; decode steps repeat the same value
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
         try:
             self._send(encode({**header, "id": request_id}, list(tensors)))
             reply = self._receive(request_id)

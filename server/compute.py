@@ -92,7 +92,8 @@ class BatchingExecutor:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         else:
-            self._flush()
+            self._execute(self._pending)  # alone: the shortest way to the shard
+            self._pending = []
 
     async def run(self, hidden: torch.Tensor, layers: tuple[int, int],
                   cache: KVCache | None) -> tuple[torch.Tensor, float]:

@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mesh.protocol import ProtocolError, WireTensor
+from mesh.protocol import DTYPE_NAMES, ProtocolError, WireTensor
 from shards.kv_cache import KVCache
 from shards.shard import Shard
 
 
-class StepInput:
-    """A session's decode-step input, allocated once and refilled from each request's bytes.
+class StepBuffer:
+    """One decode step's tensor of a session, allocated once and refilled at every step.
 
-    Copying a few kilobytes into an existing tensor is a plain memory copy; building a new tensor
-    over each request's bytes calls into torch and numpy, which costs tens of microseconds on a
-    donor that has just been idle (benchmarks/RESULTS.md). Steps of one session never overlap, so
-    one buffer per session is enough; batches copy their rows out with torch.cat.
+    Building a tensor over each request's bytes (or bytes over each output tensor) calls into torch
+    and numpy several times, which costs tens of microseconds on a donor that has just been idle
+    or busy elsewhere (benchmarks/RESULTS.md); copying a few kilobytes into a buffer that already
+    exists is one memory copy. Steps of one session never overlap, so one buffer per direction and
+    session is enough; batches copy their rows out with torch.cat.
     """
 
     def __init__(self):
@@ -33,13 +34,24 @@ class StepInput:
         self.data = bytearray()
         self.tensor: torch.Tensor | None = None
 
+    def _fit(self, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        if (dtype, shape) != self.key:
+            self.key = (dtype, shape)
+            self.data = bytearray(nbytes)
+            self.tensor = WireTensor(dtype, shape, self.data).to_torch()
+
     def load(self, wire: WireTensor) -> torch.Tensor:
-        if (wire.dtype, wire.shape) != self.key:
-            self.key = (wire.dtype, wire.shape)
-            self.data = bytearray(len(wire.data))
-            self.tensor = WireTensor(wire.dtype, wire.shape, self.data).to_torch()
+        """The request's bytes as this buffer's tensor (valid until the next load)."""
+        self._fit(wire.dtype, wire.shape, len(wire.data))
         self.data[:] = wire.data
         return self.tensor
+
+    def store(self, output: torch.Tensor) -> WireTensor:
+        """A copy of `output` in wire form, over this buffer (valid until the next store)."""
+        dtype = DTYPE_NAMES[output.dtype]
+        self._fit(dtype, tuple(output.shape), output.numel() * output.element_size())
+        self.tensor.copy_(output)
+        return WireTensor(dtype, self.key[1], self.data)
 
 
 @dataclass
@@ -51,7 +63,8 @@ class Session:
     owner: object
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False  # a step is queued or running
-    step_input: StepInput = field(default_factory=StepInput)
+    step_input: StepBuffer = field(default_factory=StepBuffer)
+    step_output: StepBuffer = field(default_factory=StepBuffer)
 
     @property
     def reserved_bytes(self) -> int:
