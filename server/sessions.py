@@ -38,7 +38,8 @@ class StepBuffer:
         if (dtype, shape) != self.key:
             self.key = (dtype, shape)
             self.data = bytearray(nbytes)
-            self.tensor = WireTensor(dtype, shape, self.data).to_torch()
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                self.tensor = WireTensor(dtype, shape, self.data).to_torch()
 
     def load(self, wire: WireTensor) -> torch.Tensor:
         """The request's bytes as this buffer's tensor (valid until the next load)."""
