@@ -6,13 +6,19 @@ hop per step (its step time minus the local shards' step time, divided by the ho
 mesh ÷ transformers. Local runs use every core; donors take turns in a chain, so each gets every
 core too; the client keeps one thread.
 
-Usage: python -m benchmarks.generate [--size tiny|mid] [--donors 1,2,4] [--new-tokens 64] [--json FILE]
+Runs are interleaved: each round runs (a), (b) and (c) back to back, and the ratios are medians of
+per-round ratios, so that the machine's drift (tens of percent over minutes on a shared VM) does
+not decide them.
+
+Usage: python -m benchmarks.generate [--size tiny|mid] [--donors 1,2,4] [--new-tokens 64] [--rounds 3]
+                                     [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -39,65 +45,135 @@ def rates(start: float, stamps: list[float], prompt_tokens: int) -> dict:
             "step_ms": 1000 / decode}
 
 
-def run_transformers(path: str, new_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.generation.streamers import BaseStreamer
+class TransformersRun:
+    """(a) transformers `generate`, greedy, with a streamer that stamps each new token."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
+    def __init__(self, path: str, new_tokens: int):
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.stamps, self.calls = [], 0
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None
+        self.config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        self.model.generate(torch.tensor([PROMPT]), generation_config=self.config)  # warm-up
 
-        def put(self, value):
-            self.calls += 1
-            if self.calls > 1:  # the first call carries the prompt
-                self.stamps.append(time.perf_counter())
+    def __call__(self) -> dict:
+        from transformers.generation.streamers import BaseStreamer
 
-        def end(self):
-            pass
+        class Stamps(BaseStreamer):
+            def __init__(self):
+                self.stamps, self.calls = [], 0
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    model.generate(torch.tensor([PROMPT]), generation_config=config)  # warm-up
-    streamer = Stamps()
-    start = time.perf_counter()
-    model.generate(torch.tensor([PROMPT]), generation_config=config, streamer=streamer)
-    return rates(start, streamer.stamps, len(PROMPT))
+            def put(self, value):
+                self.calls += 1
+                if self.calls > 1:  # the first call carries the prompt
+                    self.stamps.append(time.perf_counter())
 
+            def end(self):
+                pass
 
-def run_shards(path: str, new_tokens: int) -> dict:
-    from shards import LocalPipeline, load_edges, load_shard
-
-    pipe = LocalPipeline(load_edges(path), [load_shard(path)])
-    pipe.greedy(PROMPT, 4)  # warm-up
-    session = pipe.new_session(len(PROMPT) + new_tokens)
-    start = time.perf_counter()
-    logits = pipe.step([session], torch.tensor([PROMPT]))
-    stamps = []
-    for _ in range(new_tokens):
-        token = int(logits[0].argmax())
-        stamps.append(time.perf_counter())
-        logits = pipe.step([session], torch.tensor([[token]]))
-    return rates(start, stamps, len(PROMPT))
+        streamer = Stamps()
+        start = time.perf_counter()
+        self.model.generate(torch.tensor([PROMPT]), generation_config=self.config, streamer=streamer)
+        return rates(start, streamer.stamps, len(PROMPT))
 
 
-def run_mesh(path: str, donors: int, new_tokens: int, threads: int) -> dict:
-    from client import MeshModel
-    from mesh.launcher import LocalSwarm
-    from shards.checkpoint import Checkpoint
-    from shards.loading import even_splits
+class ShardsRun:
+    """(b) the project's own shards and edges in this process, greedy."""
 
-    layers = Checkpoint(path).load_config().num_hidden_layers
-    with LocalSwarm(ready_timeout=300) as swarm:
-        swarm.start_dht()
-        swarm.start_donors(path, even_splits(layers, donors), "--torch-threads", str(threads),
-                           "--announce-interval", "5")
-        with MeshModel.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
-            model.generate(PROMPT, max_new_tokens=4, stop_tokens=[])  # warm-up (connections, caches)
-            start = time.perf_counter()
-            stamps = [time.perf_counter() for _ in model.stream(PROMPT, max_new_tokens=new_tokens, stop_tokens=[])]
-    return {**rates(start, stamps, len(PROMPT)), "donors": donors}
+    def __init__(self, path: str, new_tokens: int):
+        from shards import LocalPipeline, load_edges, load_shard
+
+        self.pipe = LocalPipeline(load_edges(path), [load_shard(path)])
+        self.new_tokens = new_tokens
+        self.pipe.greedy(PROMPT, 4)  # warm-up
+
+    def __call__(self) -> dict:
+        session = self.pipe.new_session(len(PROMPT) + self.new_tokens)
+        start = time.perf_counter()
+        logits = self.pipe.step([session], torch.tensor([PROMPT]))
+        stamps = []
+        for _ in range(self.new_tokens):
+            token = int(logits[0].argmax())
+            stamps.append(time.perf_counter())
+            logits = self.pipe.step([session], torch.tensor([[token]]))
+        return rates(start, stamps, len(PROMPT))
+
+
+class MeshRun:
+    """(c) the mesh: a bootstrap node and `donors` donors on loopback, this process as the client."""
+
+    def __init__(self, path: str, donors: int, new_tokens: int, threads: int, env: dict | None = None):
+        self.path, self.donors, self.new_tokens, self.threads = path, donors, new_tokens, threads
+        self.env = env
+
+    def __enter__(self) -> "MeshRun":
+        from client import MeshModel
+        from mesh.launcher import LocalSwarm
+        from shards.checkpoint import Checkpoint
+        from shards.loading import even_splits
+
+        layers = Checkpoint(self.path).load_config().num_hidden_layers
+        self.swarm = LocalSwarm(ready_timeout=300).__enter__()
+        try:
+            self.swarm.start_dht()
+            self.swarm.start_donors(self.path, even_splits(layers, self.donors), "--torch-threads", str(self.threads),
+                                    "--announce-interval", "5", env=self.env)
+            self.model = MeshModel.from_pretrained(self.path, initial_peers=self.swarm.initial_peers)
+            self.model.generate(PROMPT, max_new_tokens=4, stop_tokens=[])  # warm-up (connections, caches)
+        except BaseException:
+            self.swarm.__exit__(None, None, None)
+            raise
+        return self
+
+    def __call__(self) -> dict:
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in self.model.stream(PROMPT, max_new_tokens=self.new_tokens, stop_tokens=[])]
+        return rates(start, stamps, len(PROMPT))
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.model.close()
+        finally:
+            self.swarm.__exit__(*exc)
+
+
+def run_rounds(path: str, donor_counts: list[int], new_tokens: int, threads: int, rounds: int,
+               donor_env: dict | None = None) -> list[dict]:
+    """Every round runs (a), (b) and (c) back to back, so each ratio compares runs minutes apart at
+    most: this machine's speed drifts by tens of percent over a few minutes."""
+    local_threads = threads
+    transformers, shards = TransformersRun(path, new_tokens), ShardsRun(path, new_tokens)
+    records: dict[str, list[tuple[dict, dict]]] = {"transformers generate": [], "local shards": []}
+    for donors in donor_counts:
+        way = f"mesh, {donors} donor(s)"
+        records[way] = []
+        with MeshRun(path, donors, new_tokens, threads, donor_env) as mesh:
+            for _ in range(rounds):
+                torch.set_num_threads(local_threads)
+                reference = transformers()
+                records["transformers generate"].append((reference, reference))
+                records["local shards"].append((shards(), reference))
+                torch.set_num_threads(1)  # the client only embeds, samples and runs the head
+                records[way].append((mesh(), reference))
+    return [summarize(way, pairs, donor_count(way)) for way, pairs in records.items()]
+
+
+def donor_count(way: str) -> int | None:
+    return int(way.split()[1]) if way.startswith("mesh") else None
+
+
+def summarize(way: str, pairs: list[tuple[dict, dict]], donors: int | None) -> dict:
+    """Medians over the rounds; the ratio is the median of per-round ratios (paired, same round)."""
+    runs = [run for run, _ in pairs]
+    row = {"way": way, "rounds": len(runs),
+           **{key: statistics.median(run[key] for run in runs) for key in runs[0]},
+           "vs_transformers": statistics.median(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                                                for run, ref in pairs),
+           "vs_transformers_per_round": [round(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
+                                         for run, ref in pairs]}
+    if donors:
+        row["donors"] = donors
+    return row
 
 
 def main(argv=None) -> int:
@@ -105,34 +181,37 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--donors", default="1,2,4")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (a), (b), (c) per donor count")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of local runs and donors")
+    parser.add_argument("--donor-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the donors, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    donor_env = dict(item.split("=", 1) for item in args.donor_env)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         from shards.random_model import save_random_model
 
         path = str(save_random_model("llama", Path(tmp) / f"{args.size}-llama", initializer_range=0.02,
                                      max_position_embeddings=4096, **SIZES[args.size]))
-        rows = [{"way": "transformers generate", **run_transformers(path, args.new_tokens)},
-                {"way": "local shards", **run_shards(path, args.new_tokens)}]
-        torch.set_num_threads(1)  # the client only embeds, samples and runs the head
-        for donors in (int(d) for d in args.donors.split(",")):
-            rows.append({"way": f"mesh, {donors} donor(s)", **run_mesh(path, donors, args.new_tokens, args.threads)})
-    reference, local = rows[0]["decode_tokens_per_s"], rows[1]["step_ms"]
+        rows = run_rounds(path, [int(d) for d in args.donors.split(",")], args.new_tokens, args.threads, args.rounds,
+                          donor_env)
+    local = rows[1]["step_ms"]
     for row in rows:
-        row["vs_transformers"] = row["decode_tokens_per_s"] / reference
         if "donors" in row:
             row["added_per_hop_ms"] = (row["step_ms"] - local) / row["donors"]
     command = command_line(argv, "benchmarks.generate")
     print(f"\ncommand: {command}\nmodel: {args.size} random llama {SIZES[args.size]}; prompt {len(PROMPT)} tokens, "
-          f"{args.new_tokens} new; torch threads: {args.threads} (local, donors), 1 (mesh client)")
-    print(f"{'way':<22} {'decode tok/s':>12} {'÷ transformers':>15} {'TTFT ms':>9} {'prefill tok/s':>14} "
-          f"{'added/hop ms':>13}")
+          f"{args.new_tokens} new; torch threads: {args.threads} (local, donors), 1 (mesh client); "
+          f"{args.rounds} round(s) of every way per donor count, medians; ratios paired within a round"
+          + (f"; donor environment {donor_env}" if donor_env else ""))
+    print(f"{'way':<22} {'runs':>4} {'decode tok/s':>12} {'÷ transformers':>15} {'per round':>22} {'TTFT ms':>9} "
+          f"{'prefill tok/s':>14} {'added/hop ms':>13}")
     for row in rows:
         added = f"{row['added_per_hop_ms']:>13.3f}" if "added_per_hop_ms" in row else f"{'-':>13}"
-        print(f"{row['way']:<22} {row['decode_tokens_per_s']:>12.1f} {row['vs_transformers']:>15.3f} "
-              f"{row['ttft_ms']:>9.1f} {row['prefill_tokens_per_s']:>14.0f} {added}")
+        per_round = ",".join(f"{r:.2f}" for r in row["vs_transformers_per_round"][:6])
+        print(f"{row['way']:<22} {row['rounds']:>4} {row['decode_tokens_per_s']:>12.1f} {row['vs_transformers']:>15.3f} "
+              f"{per_round:>22} {row['ttft_ms']:>9.1f} {row['prefill_tokens_per_s']:>14.0f} {added}")
     save(args.json, command, rows)
     return 0
 

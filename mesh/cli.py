@@ -11,6 +11,21 @@ import os
 import sys
 
 
+# Processes that compute in bursts separated by network waits (donors between steps, the gateway's
+# head between hops) should not leave OpenMP workers spinning after each burst: by default libgomp
+# spins for about 300,000 iterations, long enough to steal the cores that the next donor in the
+# chain needs when several share a machine. Two donors on one 2-core machine lost 17% of their
+# decode speed to it; with this count, barriers inside a step still spin (their gaps are
+# microseconds) and idle workers sleep between steps (benchmarks/RESULTS.md). Must be set before
+# torch is imported; a value the user set, or OMP_WAIT_POLICY, wins.
+BURST_GOMP_SPINCOUNT = "10000"
+
+
+def quiet_idle_openmp(environ=os.environ) -> None:
+    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+        environ["GOMP_SPINCOUNT"] = BURST_GOMP_SPINCOUNT
+
+
 def _env(name: str, default=None):
     return os.environ.get(name, default)
 
@@ -161,6 +176,7 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
+    quiet_idle_openmp()
     from server.serve import ServeOptions, serve
     from shards.errors import ShardError
 
@@ -228,6 +244,7 @@ def _add_gateway(subparsers) -> None:
 
 
 def _run_gateway(args) -> int:
+    quiet_idle_openmp()
     from client.gateway.serve import GatewayOptions, serve
 
     if not args.model:

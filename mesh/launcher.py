@@ -133,8 +133,8 @@ class LocalSwarm:
         self.donors.append(donor)
         return donor
 
-    def start_donors(self, model: str, ranges: list[str], *extra: str) -> list[DonorProcess]:
-        launched = [self.launch_donor(model, r, *extra) for r in ranges]
+    def start_donors(self, model: str, ranges: list[str], *extra: str, env: dict | None = None) -> list[DonorProcess]:
+        launched = [self.launch_donor(model, r, *extra, env=env) for r in ranges]
         try:
             return [self.wait_donor(p) for p in launched]
         except LaunchError:

@@ -34,7 +34,7 @@ def test_transport_benchmark(tmp_path):
 
 
 def test_generate_benchmark(tmp_path):
-    result = run_benchmark("generate", "--size", "tiny", "--donors", "1", "--new-tokens", "8", tmp_path=tmp_path)
+    result = run_benchmark("generate", "--size", "tiny", "--donors", "1", "--new-tokens", "8", "--rounds", "1", tmp_path=tmp_path)
     ways = [r["way"] for r in result["results"]]
     assert ways == ["transformers generate", "local shards", "mesh, 1 donor(s)"]
     assert all(r["decode_tokens_per_s"] > 0 for r in result["results"])

@@ -42,3 +42,15 @@ def test_options_read_environment_variables(model_dir):
     out = run_mesh("check", env=env)
     assert out.returncode == 0, out.stderr
     assert "shards   0:6" in out.stdout and "greedy   identical" in out.stdout
+
+
+def test_donors_and_gateways_keep_idle_openmp_workers_from_spinning():
+    from mesh.cli import BURST_GOMP_SPINCOUNT, quiet_idle_openmp
+
+    environ = {}
+    quiet_idle_openmp(environ)
+    assert environ == {"GOMP_SPINCOUNT": BURST_GOMP_SPINCOUNT}
+    for users in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        environ = dict(users)
+        quiet_idle_openmp(environ)
+        assert environ == users  # what the user chose wins
