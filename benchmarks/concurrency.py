@@ -36,7 +36,13 @@ def summarize(streams: list[list[float]], started: float) -> dict:
     decoded = sum(len(s) - 1 for s in streams)
     per_session = [(len(s) - 1) / (s[-1] - s[0]) for s in streams if len(s) > 1]
     gaps.sort()
+    # Steady state: the window in which every session is decoding (prefills, which run one by one,
+    # are over and no session has finished yet).
+    window_start, window_end = max(s[0] for s in streams), min(s[-1] for s in streams)
+    in_window = sum(1 for s in streams for t in s[1:] if window_start < t <= window_end)
+    steady = in_window / (window_end - window_start) if window_end > window_start else float("nan")
     return {"sessions": len(streams), "aggregate_tokens_per_s": decoded / (last - first),
+            "steady_tokens_per_s": steady, "steady_window_s": max(0.0, window_end - window_start),
             "per_session_tokens_per_s": statistics.median(per_session),
             "p50_inter_token_ms": gaps[len(gaps) // 2] * 1000, "p99_inter_token_ms": gaps[int(0.99 * (len(gaps) - 1))] * 1000,
             "wall_s": last - started}
@@ -159,21 +165,28 @@ def main(argv=None) -> int:
             rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
                          "batches": _diff(donor_batches(donor.port), before)})
         alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS)  # the swarm is idle by now
-    rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "per_session_tokens_per_s": rate / n,
+    rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "steady_tokens_per_s": rate,
+              "per_session_tokens_per_s": rate / n,
               "p50_inter_token_ms": 1000 * n / rate, "p99_inter_token_ms": 1000 * n / rate, "batches": {str(n): 5}}
              for n, rate in alone.items()]
     for row in rows:
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
+        row["steady_vs_single"] = row["steady_tokens_per_s"] / single["aggregate_tokens_per_s"]
     command = command_line(argv, "benchmarks.concurrency")
     print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
           f"per session; donor torch threads {args.threads}, client 1")
-    print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'per session':>12} "
-          f"{'p50 ms':>8} {'p99 ms':>8}  most common batch")
+    print("aggregate: all decode tokens over the whole run; steady: while every session decodes (after the\n"
+          "last prefill, before the first session ends); 'x single' divides by one session's aggregate rate;\n"
+          "batch: the donor's decode batch size that carried the most tokens")
+    print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'steady tok/s':>13} {'x single':>9} "
+          f"{'per session':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     for r in rows:
-        common = max(r["batches"].items(), key=lambda kv: kv[1])[0] if r["batches"] else "-"
+        weighted = {int(size): int(size) * count for size, count in r["batches"].items()}
+        common = max(weighted.items(), key=lambda kv: kv[1])[0] if weighted else "-"
         print(f"{r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} {r['vs_single']:>9.2f} "
-              f"{r['per_session_tokens_per_s']:>12.1f} {r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f}  {common}")
+              f"{r['steady_tokens_per_s']:>13.1f} {r['steady_vs_single']:>9.2f} {r['per_session_tokens_per_s']:>12.1f} "
+              f"{r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f} {common:>6}")
     save(args.json, command, rows)
     return 0
 

@@ -58,7 +58,9 @@ class ComputeStats:
                 "compute_seconds": round(self.compute_seconds, 6)}
 
 
-MIN_CONCURRENCY_WINDOW = 0.01  # seconds; see BatchingExecutor.submit
+MIN_ACTIVE_WINDOW = 0.01  # seconds; a session that stepped this recently (plus two batch times) is active
+MAX_STRAGGLER_WAIT = 0.05  # seconds a batch may wait for active sessions whose steps are still on their way
+STRAGGLER_WAIT_SHARE = 0.25  # ... and at most this share of the last batch's compute time
 MAX_FLUSH_SECONDS = 0.05  # a flush that has run this long hands the loop back before its next group
 
 
@@ -68,32 +70,58 @@ class BatchingExecutor:
         self.max_batch = max_batch
         self.stats = ComputeStats()
         self._pending: list[Job] = []
-        self._flush_scheduled = False
-        self._last_submitter: object = None
-        self._last_submit = float("-inf")
+        self._pending_submitters: set = set()
+        self._active: dict[object, float] = {}  # session -> when it last submitted a step
+        self._flush_scheduled = False  # a flush is queued for the next loop iteration
+        self._timer: asyncio.TimerHandle | None = None  # a flush waiting for stragglers
         self._last_compute = 0.0
 
     def submit(self, hidden: torch.Tensor, layers: tuple[int, int], cache: KVCache | None, done: Done,
                submitter: object = None) -> None:
         """Queue a forward; `done` is called on the event loop when it ran (or failed).
 
-        If a different submitter (session) queued work within about two step times, more steps are
-        likely on their way: defer to the next loop iteration so they join this batch. Otherwise
-        run now.
+        A session that is the only active one runs at once. Otherwise the step waits for the other
+        active sessions' steps (those that stepped within about two batch times): until all of them
+        are queued, or for a short bounded time. Sessions answered by the same batch send their
+        next steps a few milliseconds apart (their clients sample and embed first); without the
+        wait, the first of them would run alone and the rest would form the next batch.
         """
         now = time.monotonic()
-        window = max(MIN_CONCURRENCY_WINDOW, 2 * self._last_compute)
-        concurrent = submitter is None or (submitter is not self._last_submitter and now - self._last_submit < window)
-        self._last_submitter, self._last_submit = submitter, now
         self._pending.append(Job(hidden, layers, cache, done))
+        if submitter is not None:
+            self._active[submitter] = now
+            self._pending_submitters.add(submitter)
         if self._flush_scheduled:
             return
-        if concurrent:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._execute(self._pending)  # alone: the shortest way to the shard
-            self._pending = []
+        missing = self._missing_sessions(now)
+        if missing == 0 and len(self._pending) == 1 and self._timer is None:
+            alone, self._pending, self._pending_submitters = self._pending, [], set()
+            self._execute(alone)  # the shortest way to the shard
+            return
+        if missing == 0 or submitter is None:
+            self._flush_soon()
+        elif self._timer is None:
+            wait = min(MAX_STRAGGLER_WAIT, STRAGGLER_WAIT_SHARE * self._last_compute)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def forget(self, submitter: object) -> None:
+        """A session closed: no batch should wait for it."""
+        self._active.pop(submitter, None)
+
+    def _missing_sessions(self, now: float) -> int:
+        """Active sessions whose next step is not queued yet; forgets sessions gone quiet."""
+        window = MIN_ACTIVE_WINDOW + 2 * self._last_compute
+        quiet = [s for s, last in self._active.items() if now - last > window]
+        for submitter in quiet:
+            del self._active[submitter]
+        return sum(1 for s in self._active if s not in self._pending_submitters)
+
+    def _flush_soon(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._flush_scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush)
 
     async def run(self, hidden: torch.Tensor, layers: tuple[int, int],
                   cache: KVCache | None) -> tuple[torch.Tensor, float]:
@@ -108,7 +136,11 @@ class BatchingExecutor:
         return await future
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         jobs, self._pending, self._flush_scheduled = self._pending, [], False
+        self._pending_submitters = set()
         started = time.perf_counter()
         groups = self._plan(jobs)
         with torch.inference_mode():

@@ -90,6 +90,9 @@ class DonorHandlers:
 
     def close(self, message, connection, respond):
         session_id = message.header.get("session")
+        session = self.sessions.sessions.get(session_id) if session_id in connection.sessions else None
+        if session is not None:
+            self.worker.forget(session)
         closed = self.sessions.close(session_id) if session_id in connection.sessions else False
         connection.sessions.discard(session_id)
         respond.ok({"type": "closed", "existed": closed})

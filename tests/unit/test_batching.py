@@ -1,0 +1,103 @@
+"""How the donor's executor forms decode batches: a lone session runs at once, concurrent sessions
+wait (a bounded time) for each other, and a batch gives each session what it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor
+from shards.loading import load_shard
+from tests.conftest import FP32_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def shard(model_dir):
+    return load_shard(str(model_dir("llama")))
+
+
+class Step:
+    """One session's decode step: submit it, then see whether and how it finished."""
+
+    def __init__(self, executor: BatchingExecutor, session: object, cache, hidden: torch.Tensor):
+        self.result = None
+        executor.submit(hidden, (executor.shard.start, executor.shard.end), cache, self._done, submitter=session)
+
+    def _done(self, output, error, seconds):
+        self.result = (output.clone() if output is not None else None, error)
+
+
+def new_session(shard, prompt_seed: int):
+    cache = shard.new_cache(64)
+    gen = torch.Generator().manual_seed(prompt_seed)
+    shard(torch.randn(1, 4, shard.config.hidden_size, generator=gen), [cache])
+    return object(), cache
+
+
+def token(shard, seed: int) -> torch.Tensor:
+    return torch.randn(1, 1, shard.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+async def both_run(*steps: Step) -> None:
+    for _ in range(1000):
+        if all(step.result is not None for step in steps):
+            return
+        await asyncio.sleep(0.0005)
+    raise AssertionError("steps did not run")
+
+
+def test_a_lone_session_runs_at_once(shard):
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        session, cache = new_session(shard, 1)
+        for seed in range(3):
+            step = Step(executor, session, cache, token(shard, seed))
+            assert step.result is not None  # finished inside submit: no loop iteration, no timer
+        assert executor.stats.batch_sizes == {1: 3}
+
+    asyncio.run(scenario())
+
+
+def test_active_sessions_wait_for_each_other_and_match_running_alone(shard):
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        (a, cache_a), (b, cache_b) = new_session(shard, 1), new_session(shard, 2)
+        await both_run(Step(executor, a, cache_a, token(shard, 10)), Step(executor, b, cache_b, token(shard, 11)))
+        # Both stepped just now: both are active sessions.
+        first = Step(executor, a, cache_a, token(shard, 12))
+        assert first.result is None  # waits for b, whose step is on its way
+        second = Step(executor, b, cache_b, token(shard, 13))
+        await asyncio.sleep(0)
+        assert first.result is not None and second.result is not None
+        return executor, first.result[0], second.result[0]
+
+    executor, out_a, out_b = asyncio.run(scenario())
+    assert executor.stats.batch_sizes[2] >= 1
+    # The same steps, each session on its own.
+    for seeds, got in (((1, 10, 12), out_a), ((2, 11, 13), out_b)):
+        _, cache = new_session(shard, seeds[0])
+        shard(token(shard, seeds[1]), [cache])
+        torch.testing.assert_close(got, shard(token(shard, seeds[2]), [cache]), **FP32_TOLERANCE)
+
+
+def test_waiting_for_a_straggler_is_bounded_and_closed_sessions_are_not_awaited(shard):
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        (a, cache_a), (b, cache_b) = new_session(shard, 1), new_session(shard, 2)
+        await both_run(Step(executor, a, cache_a, token(shard, 10)), Step(executor, b, cache_b, token(shard, 11)))
+        started = time.monotonic()
+        lonely = Step(executor, a, cache_a, token(shard, 12))  # b never sends its step
+        assert lonely.result is None  # it waits for b first
+        while lonely.result is None and time.monotonic() - started < 5:
+            await asyncio.sleep(0.001)
+        waited = time.monotonic() - started
+        assert lonely.result is not None and lonely.result[1] is None
+        assert waited < MAX_STRAGGLER_WAIT + 0.5, waited
+        assert executor.stats.batch_sizes[1] == 3  # a ran alone after the wait
+        executor.forget(b)  # b closed: a is alone again and runs at once
+        assert Step(executor, a, cache_a, token(shard, 13)).result is not None
+
+    asyncio.run(scenario())
