@@ -154,14 +154,22 @@ class BatchingExecutor:
                     return
 
     def _plan(self, jobs: list[Job]) -> list[list[Job]]:
-        groups: dict[tuple[int, int], list[Job]] = defaultdict(list)
-        singles = []
-        for job in jobs:
-            (groups[job.layers] if job.batchable else singles).append(job)
-        planned = []
-        for group in groups.values():
-            planned.extend(group[i:i + self.max_batch] for i in range(0, len(group), self.max_batch))
-        return planned + [[job] for job in singles]
+        """Groups to run, oldest request first: one-token steps over the same layers batched (up to
+        max_batch), everything else alone. Oldest first, because a decode batch re-forms at every
+        flush: if it always went first, prefills queued behind it would wait forever under load."""
+        batches: dict[tuple[int, int], list[tuple[int, Job]]] = defaultdict(list)
+        planned: list[tuple[int, list[Job]]] = []
+        for order, job in enumerate(jobs):  # `jobs` is in arrival order
+            if job.batchable:
+                batches[job.layers].append((order, job))
+            else:
+                planned.append((order, [job]))
+        for batch in batches.values():
+            for i in range(0, len(batch), self.max_batch):
+                chunk = batch[i:i + self.max_batch]
+                planned.append((chunk[0][0], [job for _, job in chunk]))
+        planned.sort(key=lambda item: item[0])
+        return [group for _, group in planned]
 
     def _execute(self, group: list[Job]) -> None:
         started = time.perf_counter()

@@ -53,3 +53,9 @@ def test_memory_benchmark(tmp_path):
     [result] = run_benchmark("memory", "--size", "tiny", "--cache-tokens", "256", tmp_path=tmp_path)["results"]
     assert result["peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0
     assert result["weight_bytes"] > 0 and result["cache_budget_bytes"] > 0
+
+
+def test_cold_path_benchmark(tmp_path):
+    rows = run_benchmark("cold_path", "--repeats", "20", "--pause-ms", "0.5", tmp_path=tmp_path)["results"]
+    assert {r["operation"] for r in rows} >= {"header: orjson.loads", "payload -> StepBuffer.load (copy)"}
+    assert all(r["warm_us"] > 0 and r["cold_us"] > 0 for r in rows)

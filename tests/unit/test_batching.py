@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor
+from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor, Job
 from shards.loading import load_shard
 from tests.conftest import FP32_TOLERANCE
 
@@ -101,3 +101,17 @@ def test_waiting_for_a_straggler_is_bounded_and_closed_sessions_are_not_awaited(
         assert Step(executor, a, cache_a, token(shard, 13)).result is not None
 
     asyncio.run(scenario())
+
+
+def test_batches_and_prefills_run_oldest_first(shard):
+    executor = BatchingExecutor(shard)
+    layers = (shard.start, shard.end)
+    hidden_size = shard.config.hidden_size
+
+    def job(tokens):
+        return Job(torch.zeros(1, tokens, hidden_size), layers, shard.new_cache(8), lambda *a: None)
+
+    prefill, step_a, step_b, later_prefill = job(4), job(1), job(1), job(3)
+    plan = executor._plan([prefill, step_a, later_prefill, step_b])
+    # The prefill came first, so it runs before the batch that formed after it.
+    assert [[id(j) for j in group] for group in plan] == [[id(prefill)], [id(step_a), id(step_b)], [id(later_prefill)]]
