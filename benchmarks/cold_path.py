@@ -36,7 +36,7 @@ def operations() -> dict[str, callable]:
     header = orjson.loads(frame[1])
     payload = bytearray(b"".join(bytes(b) for b in frame[2:]))
     raw_header = bytes(frame[1])
-    step_in = StepBuffer()
+    step_in, step_out = StepBuffer(), StepBuffer()
     return {
         "header: json.loads": lambda: json.loads(raw_header),
         "header: orjson.loads": lambda: orjson.loads(raw_header),
@@ -44,15 +44,17 @@ def operations() -> dict[str, callable]:
         "payload -> WireTensor (no torch)": lambda: decode_tensors(header, memoryview(payload)),
         "payload -> StepBuffer.load (copy)": lambda: step_in.load(decode_tensors(header, memoryview(payload))[0]),
         "tensor -> frame (encode)": lambda: b"".join(encode(HEADER, [hidden])),
+        "tensor -> StepBuffer.store -> frame": lambda: b"".join(encode(HEADER, [step_out.store(hidden)])),
     }
 
 
 def other_work(pause: float, weights: torch.Tensor) -> None:
-    """What happens between two messages: some compute, then a sleep."""
+    """What happens before a message: some compute, then (unless pause is 0) a sleep."""
     x = weights[:1]
     for _ in range(20):
         x = torch.nn.functional.linear(x, weights)
-    time.sleep(pause)
+    if pause:
+        time.sleep(pause)
 
 
 def time_operation(call, repeats: int, pause: float | None, weights: torch.Tensor) -> float:
@@ -78,14 +80,18 @@ def main(argv=None) -> int:
     results = []
     for name, call in operations().items():
         warm = time_operation(call, args.repeats, None, weights)
+        after_compute = time_operation(call, args.repeats, 0.0, weights)
         cold = time_operation(call, args.repeats, args.pause_ms / 1000, weights)
-        results.append({"operation": name, "warm_us": warm, "cold_us": cold, "cold_vs_warm": cold / warm})
+        results.append({"operation": name, "warm_us": warm, "after_compute_us": after_compute, "cold_us": cold,
+                        "cold_vs_warm": cold / warm})
     command = command_line(argv, "benchmarks.cold_path")
-    print(f"\ncommand: {command}\none decode step's hidden states: [1, 1, {HIDDEN}] float32; cold = right after "
-          f"compute and a {args.pause_ms:g} ms sleep; medians of {args.repeats} calls")
-    print(f"{'operation':<38} {'warm us':>8} {'cold us':>8} {'cold/warm':>10}")
+    print(f"\ncommand: {command}\none decode step's hidden states: [1, 1, {HIDDEN}] float32; warm = in a tight loop; "
+          f"after compute = right after some torch work (a donor's reply); cold = after that and a "
+          f"{args.pause_ms:g} ms sleep (a request after a wait); medians of {args.repeats} calls")
+    print(f"{'operation':<38} {'warm us':>8} {'after compute us':>17} {'cold us':>8} {'cold/warm':>10}")
     for r in results:
-        print(f"{r['operation']:<38} {r['warm_us']:>8.1f} {r['cold_us']:>8.1f} {r['cold_vs_warm']:>10.1f}")
+        print(f"{r['operation']:<38} {r['warm_us']:>8.1f} {r['after_compute_us']:>17.1f} {r['cold_us']:>8.1f} "
+              f"{r['cold_vs_warm']:>10.1f}")
     save(args.json, command, results)
     return 0
 

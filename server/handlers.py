@@ -72,14 +72,18 @@ class DonorHandlers:
                                                   f"exceeds the {cache.capacity} tokens reserved for this session")
         if session.busy:
             raise ProtocolError("bad_request", "this session's previous step has not finished; send steps one at a time")
-        # A decode step is copied into the session's reusable input tensor: no torch call between
-        # the request's bytes and the shard (benchmarks/cold_path.py).
-        hidden = session.step_input.load(wire) if wire.shape[1] == 1 else wire.to_torch()
+        # A decode step goes through the session's reusable buffers, in and out: no torch call
+        # between the request's bytes and the shard, one copy between the shard and the reply
+        # (benchmarks/cold_path.py).
+        decoding = wire.shape[1] == 1
+        hidden = session.step_input.load(wire) if decoding else wire.to_torch()
         cache.truncate(position)  # a retried step overwrites what a lost reply had computed
         session.busy = True
 
         def release(output, error, seconds):
             session.busy = False
+            if decoding and output is not None:
+                output = session.step_output.store(output)
             reply(output, error, seconds)
 
         reply = _reply_with_result(respond)

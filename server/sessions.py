@@ -14,21 +14,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mesh.protocol import ProtocolError, WireTensor
+from mesh.protocol import DTYPE_NAMES, ProtocolError, WireTensor
 from shards.kv_cache import KVCache
 from shards.shard import Shard
 
 
 class StepBuffer:
-    """A session's decode-step input, allocated once and refilled from each request's bytes.
+    """One decode step's tensor of a session, allocated once and refilled at every step.
 
-    Building a tensor over each request's bytes calls into torch and numpy several times, which
-    costs over a hundred microseconds on a donor that has just been idle or busy elsewhere; copying
-    a few kilobytes into a tensor that already exists costs half as much
-    (`python -m benchmarks.cold_path`). Steps of one session never overlap, so one buffer per
-    session is enough; batches copy their rows out with torch.cat.
+    Building a tensor over each request's bytes, or bytes over each output tensor, takes several
+    torch and numpy calls, and each costs 10-20 times its warm price when the donor's caches are
+    cold (`python -m benchmarks.cold_path`); with these buffers a decode step takes none on the way
+    in (a memory copy) and one on the way out (a torch copy, right after the shard ran). Steps of one
+    session never overlap, so one buffer per direction and session is enough; batches copy their
+    rows out with torch.cat.
     """
-
     def __init__(self):
         self.key: tuple | None = None
         self.data = bytearray()
@@ -38,7 +38,7 @@ class StepBuffer:
         if (dtype, shape) != self.key:
             self.key = (dtype, shape)
             self.data = bytearray(nbytes)
-            with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
                 self.tensor = WireTensor(dtype, shape, self.data).to_torch()
 
     def load(self, wire: WireTensor) -> torch.Tensor:
@@ -46,6 +46,13 @@ class StepBuffer:
         self._fit(wire.dtype, wire.shape, len(wire.data))
         self.data[:] = wire.data
         return self.tensor
+
+    def store(self, output: torch.Tensor) -> WireTensor:
+        """A copy of `output` in wire form, over this buffer (valid until the next store)."""
+        dtype = DTYPE_NAMES[output.dtype]
+        self._fit(dtype, tuple(output.shape), output.numel() * output.element_size())
+        self.tensor.copy_(output)
+        return WireTensor(dtype, self.key[1], self.data)
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the batching executor keys on sessions
@@ -58,6 +65,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False  # a step is queued or running
     step_input: StepBuffer = field(default_factory=StepBuffer)
+    step_output: StepBuffer = field(default_factory=StepBuffer)
 
     @property
     def reserved_bytes(self) -> int:

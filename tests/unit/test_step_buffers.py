@@ -35,6 +35,20 @@ def test_a_buffer_made_inside_inference_mode_still_serves_outside_it():
     assert not loaded.is_inference() and torch.equal(torch.cat([loaded, loaded]), torch.cat([second, second]))
 
 
+def test_store_works_inside_and_outside_inference_mode():
+    # A donor stores batch rows inside inference mode and lone steps outside it.
+    buffer = StepBuffer()
+    with torch.inference_mode():
+        row = torch.randn(2, 1, 8)[1:]
+        stored = buffer.store(row)
+    assert stored.to_torch().tolist() == row.tolist()
+    lone = torch.randn(1, 1, 8)
+    assert torch.equal(buffer.store(lone).to_torch(), lone)
+    with torch.inference_mode():
+        again = torch.randn(1, 1, 8)
+        assert torch.equal(buffer.store(again).to_torch(), again)
+
+
 def test_wire_tensors_stay_out_of_torch_until_asked():
     tensor = torch.randn(2, 3)
     wire = wire_of(tensor)
