@@ -1,17 +1,15 @@
 """The donor's compute step: every forward runs here, and decode steps of sessions run batched.
 
-Handlers submit Jobs with a completion callback; the first job queued schedules one `flush` on
-the event loop. By the time it runs, every request that arrived in the same loop iteration has
-queued too. The flush runs the
-one-token steps of sessions over the same layers as one batch (the shard's batched step), the rest
-one by one, and resolves each job's future. Requests that arrive during a flush wait in the
-kernel's socket buffers and form the next batch, so batches grow with load without any timer.
+Handlers submit Jobs with a completion callback. A session that is the only active one runs at
+once, inside `submit`. Otherwise its step waits, until the other active sessions' steps have
+queued too or for a short bounded time (see `submit`), and then one `flush` runs the queued
+one-token steps over the same layers as one batch (the shard's batched step) and everything else
+one by one, oldest request first, resolving each job's callback.
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine (measured during development with a
-throwaway echo server), more than the whole per-hop budget.
-For the same reason a step runs at once, without waiting for the next loop iteration, when no
-other session has stepped recently: there is nobody to batch with.
+throwaway echo server), more than the whole per-hop budget. A flush that runs long hands the loop
+back between groups, so handshakes and pings are still answered under load.
 """
 
 from __future__ import annotations
@@ -122,18 +120,6 @@ class BatchingExecutor:
             self._timer = None
         self._flush_scheduled = True
         asyncio.get_running_loop().call_soon(self._flush)
-
-    async def run(self, hidden: torch.Tensor, layers: tuple[int, int],
-                  cache: KVCache | None) -> tuple[torch.Tensor, float]:
-        """The awaitable form of `submit`: output hidden states and the batch's compute seconds."""
-        future = asyncio.get_running_loop().create_future()
-
-        def done(output, error, seconds):
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result((output, seconds))
-
-        self.submit(hidden, layers, cache, done)
-        return await future
 
     def _flush(self) -> None:
         if self._timer is not None:

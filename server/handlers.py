@@ -91,12 +91,11 @@ class DonorHandlers:
 
     def close(self, message, connection, respond):
         session_id = message.header.get("session")
-        session = self.sessions.sessions.get(session_id) if session_id in connection.sessions else None
+        session = self.sessions.close(session_id) if session_id in connection.sessions else None
         if session is not None:
-            self.worker.forget(session)
-        closed = self.sessions.close(session_id) if session_id in connection.sessions else False
+            self.worker.forget(session)  # no batch should wait for its steps any more
         connection.sessions.discard(session_id)
-        respond.ok({"type": "closed", "existed": closed})
+        respond.ok({"type": "closed", "existed": session is not None})
 
     def forward(self, message, connection, respond):
         start, end = self._layers(message.header)

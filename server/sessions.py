@@ -29,6 +29,7 @@ class StepBuffer:
     session never overlap, so one buffer per direction and session is enough; batches copy their
     rows out with torch.cat.
     """
+
     def __init__(self):
         self.key: tuple | None = None
         self.data = bytearray()
@@ -38,7 +39,7 @@ class StepBuffer:
         if (dtype, shape) != self.key:
             self.key = (dtype, shape)
             self.data = bytearray(nbytes)
-            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
                 self.tensor = WireTensor(dtype, shape, self.data).to_torch()
 
     def load(self, wire: WireTensor) -> torch.Tensor:
@@ -119,8 +120,9 @@ class SessionTable:
         session.last_used = self.clock()
         return session
 
-    def close(self, session_id: str) -> bool:
-        return self.sessions.pop(session_id, None) is not None
+    def close(self, session_id: str) -> Session | None:
+        """Forget a session; the one closed, or None if there was none."""
+        return self.sessions.pop(session_id, None)
 
     def close_owned_by(self, owner: object) -> int:
         doomed = [sid for sid, s in self.sessions.items() if s.owner is owner]
