@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -70,30 +71,47 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 
+def _endpoint(path: str) -> str:
+    """The metrics label of a request path: known endpoints as they are, everything else as 'other'
+    (a label per raw path would let any client grow the metrics without bound)."""
+    if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"):
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
 def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
     @app.middleware("http")
     async def account(request: Request, call_next):
         path = request.url.path
+        endpoint = _endpoint(path)
         if settings.api_keys and path.startswith("/v1/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if given not in settings.api_keys:
                 err = APIError(401, "Incorrect API key provided." if given else "Missing API key: send "
                                "'Authorization: Bearer <key>'.", "invalid_request_error", None, "invalid_api_key")
-                metrics.requests.labels(path, "401").inc()
+                metrics.requests.labels(endpoint, "401").inc()
                 return JSONResponse(err.body(), status_code=401)
         metrics.in_flight.inc()
         try:
             response = await call_next(request)
         except Exception as err:  # answered here: Starlette's last-resort handler would also drop the connection
+            metrics.in_flight.dec()
             log.exception("internal error serving %s", path)
             response = JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None,
                                                "internal_error"), status_code=500)
-        finally:
-            metrics.in_flight.dec()
-        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                    "/metrics") else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        else:
+            # call_next returns when the headers are ready; a stream is in flight until its body ends.
+            response.body_iterator = _counted(response.body_iterator, metrics)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+
+async def _counted(body, metrics: GatewayMetrics):
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        metrics.in_flight.dec()
 
 
 class _Handlers:
@@ -116,7 +134,8 @@ class _Handlers:
         return self._model_card()
 
     async def health(self):
-        if self.engine.has_route():
+        # Routing may ask the DHT (a blocking call): off the event loop, so streams keep flowing.
+        if await asyncio.to_thread(self.engine.has_route):
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable", "detail": "no full route through the mesh"}, status_code=503)
 
@@ -233,13 +252,14 @@ class _Choice:
     def __init__(self, index: int, tokenizer, stops: list[str], prompt_ids: list[int]):
         self.index = index
         self.text = TextStream(tokenizer, stops)
-        self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.tokens = 0
         self.finish_reason: str | None = None
-        self.logprobs: list = []
+        self.logprobs: list = []  # token events, when logprobs were asked for
+        self.logprobs_streamed = 0  # how many of them went out in stream chunks
+        self.last_token_at: float | None = None
 
-    def add(self, event, kind: str) -> str:
+    def add(self, event) -> str:
         self.tokens += 1
         delta = self.text.push(event.token)
         if event.logprob is not None:
@@ -261,15 +281,14 @@ class _Reply:
         self.created = int(time.time())
         self.model = handlers.settings.served_model_name
         self.choices = [_Choice(i, handlers.tokenizer, body.stop, ids) for i, (ids, _) in enumerate(generations)]
-        self.last_token_at: float | None = None
 
-    def _observe_token(self) -> None:
+    def _observe_token(self, choice: _Choice) -> None:
         now = time.perf_counter()
-        if self.last_token_at is None:
+        if choice.last_token_at is None:
             self.h.metrics.time_to_first_token.observe(now - self.started)
         else:
-            self.h.metrics.inter_token.observe(now - self.last_token_at)
-        self.last_token_at = now
+            self.h.metrics.inter_token.observe(now - choice.last_token_at)
+        choice.last_token_at = now
         self.h.metrics.generated_tokens.inc()
 
     async def _events(self):
@@ -299,8 +318,8 @@ class _Reply:
                 elif isinstance(item, BaseException):
                     raise item
                 elif choice.finish_reason is None:
-                    self._observe_token()
-                    delta = choice.add(item, self.kind)
+                    self._observe_token(choice)
+                    delta = choice.add(item)
                     if choice.finish_reason is not None:
                         self.generations[choice.index][1].cancel()  # a stop sequence: no more tokens needed
                     yield choice, delta
@@ -382,10 +401,19 @@ class _Reply:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": "", "refusal": None} if role else (
                 {} if text is None else {"content": text})
-            return {"index": choice.index, "delta": delta, "logprobs": None,
+            return {"index": choice.index, "delta": delta, "logprobs": None if role else self._unsent_logprobs(choice),
                     "finish_reason": self._finish_reason(choice) if finish else None}
         return {"index": choice.index, "text": text or "", "logprobs": None,
                 "finish_reason": self._finish_reason(choice) if finish else None}
+
+    def _unsent_logprobs(self, choice: _Choice) -> dict | None:
+        """Chat logprobs of the tokens generated since the choice's last chunk (text may lag tokens
+        while a stop sequence could still match, so a chunk can carry several or none)."""
+        fresh = choice.logprobs[choice.logprobs_streamed:]
+        if not self.body.logprobs or not fresh:
+            return None
+        choice.logprobs_streamed = len(choice.logprobs)
+        return self._chat_logprobs(fresh)
 
     async def stream(self):
         try:
