@@ -118,15 +118,13 @@ class MeshModel:
     def stream_events(self, ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                       stop_tokens: list[int] | None = None, *, logprobs: int | None = None,
                       on_session: Callable[[RemoteSession], None] | None = None,
-                      on_prompt_logprobs: Callable[[list], None] | None = None,
-                      cancelled: Callable[[], bool] = lambda: False) -> Iterator[TokenEvent]:
+                      on_prompt_logprobs: Callable[[list], None] | None = None) -> Iterator[TokenEvent]:
         """The generation loop behind stream() and the gateway: one TokenEvent per new token.
 
         logprobs: also report each token's log-probability and this many alternatives.
         on_prompt_logprobs: called once with (log-probability, alternatives) of each prompt token
         (None for the first), alternatives as many as `logprobs` asks.
-        cancelled: polled between steps; when it returns True the generation stops and its donor
-        sessions are closed (a client that went away).
+        Closing the iterator (a client that went away) closes the donors' sessions at once.
         """
         self._check_context(ids, max_new_tokens)
         sampler = Sampler(params)
@@ -150,7 +148,7 @@ class MeshModel:
                 event.finish_reason = ("stop" if token in stops else
                                        "length" if produced + 1 == max_new_tokens else None)
                 yield event
-                if event.finish_reason is not None or cancelled():
+                if event.finish_reason is not None:
                     return
                 history.append(token)
                 generated.append(token)

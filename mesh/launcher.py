@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -112,6 +113,7 @@ class LocalSwarm:
     initial_peers: list[str] = field(default_factory=list)
     donors: list[DonorProcess] = field(default_factory=list)
     gateways: list[ManagedProcess] = field(default_factory=list)
+    launched: list[ManagedProcess] = field(default_factory=list)  # every donor process, ready or not
 
     def start_dht(self) -> list[str]:
         self.dht = ManagedProcess("dht", ["dht", "--host", "127.0.0.1"])
@@ -124,7 +126,9 @@ class LocalSwarm:
         """Start a donor without waiting; pair with `wait_donor`, so several can load at once."""
         args = ["serve", "--model", model, "--layers", layers, "--host", "127.0.0.1",
                 "--initial-peers", *self.initial_peers, *extra]
-        return ManagedProcess(name or f"donor[{layers}]", args, env)
+        process = ManagedProcess(name or f"donor[{layers}]", args, env)
+        self.launched.append(process)  # stopped by stop() even if it never becomes ready
+        return process
 
     def wait_donor(self, process: ManagedProcess) -> DonorProcess:
         line = process.wait_for_line("MESH_READY", self.ready_timeout)
@@ -133,14 +137,16 @@ class LocalSwarm:
         self.donors.append(donor)
         return donor
 
-    def start_donors(self, model: str, ranges: list[str], *extra: str, env: dict | None = None) -> list[DonorProcess]:
+    def start_donors(self, model: str, ranges: list[str], *extra: str, env: dict | None = None,
+                     on_ready: Callable[[DonorProcess], None] | None = None) -> list[DonorProcess]:
+        """Launch one donor per range (they load at the same time), then wait for each in turn."""
         launched = [self.launch_donor(model, r, *extra, env=env) for r in ranges]
-        try:
-            return [self.wait_donor(p) for p in launched]
-        except LaunchError:
-            for p in launched:
-                p.stop(grace=2)
-            raise
+        ready = []
+        for process in launched:
+            ready.append(self.wait_donor(process))
+            if on_ready is not None:
+                on_ready(ready[-1])
+        return ready
 
     def start_gateway(self, model: str, port: int = 0, *extra: str) -> tuple[ManagedProcess, str]:
         """`mesh gateway` on 127.0.0.1; returns the process and its /v1 base URL once it serves."""
@@ -154,8 +160,9 @@ class LocalSwarm:
         for gateway in self.gateways:
             gateway.stop()
         self.gateways.clear()
-        for donor in self.donors:
-            donor.process.stop()
+        for process in self.launched:
+            process.stop()
+        self.launched.clear()
         self.donors.clear()
         if self.dht is not None:
             self.dht.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,22 +47,28 @@ def curl_example(base_url: str, model: str) -> str:
             f"  -d '{payload}'")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_up(model: str, ranges: list[str], port: int, served_name: str, question: str | None,
            timeout: float = 600.0) -> int:
     """`ranges`: the half-open layer range of each donor, together covering the model."""
     swarm = LocalSwarm(ready_timeout=timeout)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C and SIGTERM interrupt whatever is going on, start-up waits included.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    serving = False
     try:
         print("starting the bootstrap DHT node ...", flush=True)
         swarm.start_dht()
         print(f"starting {len(ranges)} donor(s): layers {' '.join(ranges)} (loading weights) ...", flush=True)
-        launched = [swarm.launch_donor(model, r, "--torch-threads", "1", "--announce-interval", "2",
-                                       "--model-name", served_name) for r in ranges]
-        for index, process in enumerate(launched, 1):
-            donor = swarm.wait_donor(process)
-            print(f"  donor {index}/{len(ranges)} ready: layers {donor.start}:{donor.end} at {donor.address} "
-                  f"(pid {donor.process.pid})", flush=True)
+
+        def announce(donor):
+            print(f"  donor {len(swarm.donors)}/{len(ranges)} ready: layers {donor.start}:{donor.end} at "
+                  f"{donor.address} (pid {donor.process.pid})", flush=True)
+
+        swarm.start_donors(model, ranges, "--torch-threads", "1", "--announce-interval", "2",
+                           "--model-name", served_name, on_ready=announce)
         print("starting the gateway ...", flush=True)
         _, base_url = swarm.start_gateway(model, port, "--model-name", served_name, "--served-model-name",
                                           served_name)
@@ -76,17 +81,22 @@ def run_up(model: str, ranges: list[str], port: int, served_name: str, question:
             print(f"answer: {ask(base_url, served_name, question)}", flush=True)
             return 0
         print("Ctrl-C stops every process started here.", flush=True)
-        while not stop.wait(1.0):
-            dead = [p for p in [swarm.dht, *(d.process for d in swarm.donors), *swarm.gateways] if not p.alive()]
+        serving = True
+        while True:
+            time.sleep(1.0)
+            dead = [p for p in [swarm.dht, *swarm.launched, *swarm.gateways] if not p.alive()]
             if dead:
                 print(f"{dead[0].name} exited unexpectedly:\n{dead[0].output()}", flush=True)
                 return 1
-        return 0
+    except KeyboardInterrupt:
+        return 0 if serving else 130  # stopping a running mesh is the normal end; during start-up it is not
     except LaunchError as err:
         print(f"mesh up failed: {err}", flush=True)
         return 1
     finally:
         print("stopping every process started by mesh up ...", flush=True)
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         swarm.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

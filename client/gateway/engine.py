@@ -47,8 +47,7 @@ class Generation:
             events = model.stream_events(
                 r.ids, r.max_tokens, r.params, logprobs=r.logprobs,
                 on_session=lambda session: self._push(_OPENED),
-                on_prompt_logprobs=(lambda lps: self._push(_PROMPT, lps)) if r.prompt_logprobs else None,
-                cancelled=self._cancel.is_set)
+                on_prompt_logprobs=(lambda lps: self._push(_PROMPT, lps)) if r.prompt_logprobs else None)
             for event in events:
                 self._push(_TOKEN, event)
                 if self._cancel.is_set():

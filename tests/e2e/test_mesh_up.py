@@ -74,7 +74,7 @@ def test_mesh_up_with_a_local_model_and_three_donors(model_dir):
         while not any(line.startswith("Ctrl-C stops") for line in lines):
             assert time.monotonic() < deadline and up.poll() is None, "\n".join(lines)
             lines.append(up.stdout.readline().rstrip("\n"))
-        assert any("layers 0:2 1:4" in line or "layers 0:2 2:4 4:6" in line for line in lines), lines
+        assert "starting 3 donor(s): layers 0:2 2:4 4:6 (loading weights) ..." in lines, lines
         dht = next(line.split()[1] for line in lines if line.startswith("DHT: "))
         status = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--initial-peers", dht],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
