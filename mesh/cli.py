@@ -34,6 +34,8 @@ def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, def
     value = _env(env, default)
     if kwargs.get("type") in (int, float) and isinstance(value, str):
         value = kwargs["type"](value)
+    if (kwargs.get("action") == "append" or "nargs" in kwargs) and isinstance(value, str):
+        value = value.replace(",", " ").split()  # a list option's variable: comma or space separated
     parser.add_argument(flag, default=value, help=f"{help} [env: {env}]", **kwargs)
 
 
@@ -128,15 +130,16 @@ def _run_dht(args) -> int:
 
     dht = start_dht(_peers(args.initial_peers), host=args.host, port=args.port, identity_path=args.identity,
                     announce_host=args.announce_host)
+    addresses = visible_addresses(dht)
     print("DHT node running. Join it with:")
-    for address in visible_addresses(dht):
+    for address in addresses:
         print(f"  --initial-peers {address}")
     if args.address_file:
         tmp = f"{args.address_file}.tmp"
         with open(tmp, "w") as f:
-            f.write("\n".join(visible_addresses(dht)) + "\n")
+            f.write("\n".join(addresses) + "\n")
         os.replace(tmp, args.address_file)  # readers never see a half-written file
-    print("MESH_DHT_READY " + " ".join(visible_addresses(dht)), flush=True)
+    print("MESH_DHT_READY " + " ".join(addresses), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -250,9 +253,8 @@ def _run_gateway(args) -> int:
     if not args.model:
         print("mesh gateway: --model (or MESH_MODEL) is required", file=sys.stderr)
         return 2
-    keys = args.api_key if isinstance(args.api_key, list) else _peers(args.api_key)
     return serve(GatewayOptions(model=args.model, initial_peers=_peers(args.initial_peers), host=args.host,
-                                port=args.port, api_keys=[k for k in keys or [] if k],
+                                port=args.port, api_keys=args.api_key or [],
                                 served_model_name=args.served_model_name, model_name=args.model_name,
                                 max_concurrency=args.max_concurrency, route_timeout=args.route_timeout))
 

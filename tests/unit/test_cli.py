@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,3 +56,25 @@ def test_donors_and_gateways_keep_idle_openmp_workers_from_spinning():
         environ = dict(users)
         quiet_idle_openmp(environ)
         assert environ == users  # what the user chose wins
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_serve_and_gateway_set_the_spin_count_before_torch_loads(command, monkeypatch):
+    import os
+
+    from mesh.cli import BURST_GOMP_SPINCOUNT, main
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MESH_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main([command]) == 2  # no model: stops right after the spin count is set
+    assert os.environ["GOMP_SPINCOUNT"] == BURST_GOMP_SPINCOUNT
+
+
+def test_list_options_from_the_environment_combine_with_flags(monkeypatch):
+    from mesh.cli import build_parser
+
+    monkeypatch.setenv("MESH_API_KEYS", "alpha, beta")
+    monkeypatch.setenv("MESH_INITIAL_PEERS", "/ip4/1.2.3.4/tcp/1/p2p/A,/ip4/5.6.7.8/tcp/2/p2p/B")
+    args = build_parser().parse_args(["gateway", "--api-key", "gamma"])
+    assert args.api_key == ["alpha", "beta", "gamma"]
+    assert args.initial_peers == ["/ip4/1.2.3.4/tcp/1/p2p/A", "/ip4/5.6.7.8/tcp/2/p2p/B"]
