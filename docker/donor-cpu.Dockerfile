@@ -3,9 +3,9 @@
 #   docker run -e MESH_MODEL=Qwen/Qwen3-0.6B -e MESH_LAYERS=0:14 -e MESH_INITIAL_PEERS=/ip4/... \
 #              -e MESH_PUBLIC_ADDRESS=203.0.113.7 -p 31330:31330 -v mesh-cache:/cache llm-mesh-donor-cpu
 FROM python:3.11-slim
-RUN useradd --create-home --uid 1000 mesh && mkdir /cache && chown mesh /cache
+RUN useradd --create-home --uid 1000 mesh && mkdir /cache /shared && chown mesh /cache /shared
 WORKDIR /opt/llm-mesh
-COPY pyproject.toml README.md constraints-cpu.txt ./
+COPY pyproject.toml README.md ./
 COPY mesh ./mesh
 COPY shards ./shards
 COPY server ./server

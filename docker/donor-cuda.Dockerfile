@@ -2,7 +2,7 @@
 #   docker build -f docker/donor-cuda.Dockerfile -t llm-mesh-donor-cuda .
 #   docker run --gpus all -e MESH_MODEL=... -e MESH_INITIAL_PEERS=... -p 31330:31330 -v mesh-cache:/cache llm-mesh-donor-cuda
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
-RUN useradd --create-home --uid 1000 mesh && mkdir /cache && chown mesh /cache
+RUN useradd --create-home --uid 1000 mesh && mkdir /cache /shared && chown mesh /cache /shared
 WORKDIR /opt/llm-mesh
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh

@@ -1,7 +1,7 @@
 # An AMD donor on AMD's ROCm PyTorch image. Run with --device=/dev/kfd --device=/dev/dri --group-add video.
 #   docker build -f docker/donor-rocm.Dockerfile -t llm-mesh-donor-rocm .
 FROM rocm/pytorch:latest
-RUN useradd --create-home --uid 1000 mesh && mkdir /cache && chown mesh /cache
+RUN useradd --create-home --uid 1000 mesh && mkdir /cache /shared && chown mesh /cache /shared
 WORKDIR /opt/llm-mesh
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh

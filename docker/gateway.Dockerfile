@@ -1,9 +1,9 @@
 # The OpenAI-compatible gateway (a mesh client; it loads only the model's embeddings and head).
 #   docker run -e MESH_MODEL=... -e MESH_INITIAL_PEERS=... -e MESH_API_KEYS=sk-... -p 8000:8000 llm-mesh-gateway
 FROM python:3.11-slim
-RUN useradd --create-home --uid 1000 mesh && mkdir /cache && chown mesh /cache
+RUN useradd --create-home --uid 1000 mesh && mkdir /cache /shared && chown mesh /cache /shared
 WORKDIR /opt/llm-mesh
-COPY pyproject.toml README.md constraints-cpu.txt ./
+COPY pyproject.toml README.md ./
 COPY mesh ./mesh
 COPY shards ./shards
 COPY server ./server

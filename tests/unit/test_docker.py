@@ -26,8 +26,9 @@ def test_every_image_exists_for_each_platform():
         assert "VOLUME /cache" in text and "HF_HOME=/cache" in text
         entrypoint = re.search(r'^ENTRYPOINT \["mesh", "(\w+)"\]$', text, flags=re.M)
         assert entrypoint and entrypoint.group(1) in ("serve", "gateway")
-        for copied in re.findall(r"^COPY (\S+)", text, flags=re.M):
-            assert (ROOT / copied).exists(), f"{name} copies {copied}, which does not exist"
+        for sources in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+            for copied in sources.split():
+                assert (ROOT / copied).exists(), f"{name} copies {copied}, which does not exist"
     assert "rocm/pytorch" in (DOCKER / "donor-rocm.Dockerfile").read_text()
     assert "cuda" in (DOCKER / "donor-cuda.Dockerfile").read_text().split("\n")[3].lower()
 
@@ -50,6 +51,11 @@ def test_compose_commands_and_options_exist():
         for arg in service.get("command", []):
             if arg.startswith("--"):
                 assert arg in options, f"{name}: `mesh {entrypoint[1]}` has no option {arg}"
+        # Named volumes start with the image's ownership of the mount point: it must exist and be mesh's.
+        for mount in service.get("volumes", []):
+            target = mount.split(":")[1]
+            assert re.search(rf"^RUN .*mkdir [^&]*{target}\b.*chown mesh [^&]*{target}\b", dockerfile.read_text(),
+                             flags=re.M), f"{name}: {dockerfile.name} does not give {target} to the mesh user"
         for variable in service.get("environment", {}):
             assert variable.startswith("MESH_")
             assert variable in (ROOT / "mesh" / "cli.py").read_text(), f"{name}: {variable} is read by no option"
