@@ -7,5 +7,6 @@ Map:
   generate.py     transformers generate vs the project's shards vs the mesh (decode, TTFT, prefill)
   concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway
   memory.py       a serving donor's peak resident memory against weights plus cache budget
+  cold_path.py    the data plane's per-message operations, warm and right after compute or a pause
 Results, machines and command lines: RESULTS.md.
 """

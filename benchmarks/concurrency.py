@@ -22,25 +22,35 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.generate import SIZES
+from benchmarks.generate import SIZES, save_size_model
 from benchmarks.report import command_line, save
 
 PROMPT_TOKENS = 32
 
 
-def summarize(streams: list[list[float]], started: float) -> dict:
-    """Token timestamps per session -> aggregate and per-session decode rates, inter-token latencies."""
+def prompt_of(session: int) -> list[int]:
+    return [(7 * session + i) % 200 + 1 for i in range(PROMPT_TOKENS)]
+
+
+def summarize(streams: list[list[float]], started: float, tokens: list[int] | None = None) -> dict:
+    """Arrival times per session -> aggregate and per-session decode rates, inter-arrival latencies.
+
+    `tokens`: how many tokens each stream carried, when an arrival can carry several (the gateway
+    holds text back while a stop sequence or a UTF-8 character is incomplete); by default one each.
+    """
+    tokens = tokens or [len(s) for s in streams]
+    weights = [n / len(s) for n, s in zip(tokens, streams)]  # tokens per arrival
     gaps = [b - a for stamps in streams for a, b in zip(stamps, stamps[1:])]
     first = min(s[0] for s in streams)
     last = max(s[-1] for s in streams)
-    decoded = sum(len(s) - 1 for s in streams)
-    per_session = [(len(s) - 1) / (s[-1] - s[0]) for s in streams if len(s) > 1]
+    decoded = sum(n - 1 for n in tokens)
+    per_session = [(n - 1) / (s[-1] - s[0]) for n, s in zip(tokens, streams) if len(s) > 1]
     gaps.sort()
     # Steady state: the window in which every session is decoding (prefills, which run one by one,
     # are over and no session has finished yet).
     window_start, window_end = max(s[0] for s in streams), min(s[-1] for s in streams)
-    in_window = sum(1 for s in streams for t in s[1:] if window_start < t <= window_end)
-    steady = in_window / (window_end - window_start) if window_end > window_start else float("nan")
+    in_window = sum(w for s, w in zip(streams, weights) for t in s[1:] if window_start < t <= window_end)
+    steady = in_window / (window_end - window_start) if window_end > window_start else None
     return {"sessions": len(streams), "aggregate_tokens_per_s": decoded / (last - first),
             "steady_tokens_per_s": steady, "steady_window_s": max(0.0, window_end - window_start),
             "per_session_tokens_per_s": statistics.median(per_session),
@@ -54,7 +64,7 @@ def client_run(model, sessions: int, new_tokens: int) -> dict:
     barrier = threading.Barrier(sessions + 1)
 
     def one(index: int):
-        prompt = [(7 * index + i) % 200 + 1 for i in range(PROMPT_TOKENS)]
+        prompt = prompt_of(index)
         barrier.wait()
         try:
             for _ in model.stream(prompt, max_new_tokens=new_tokens, stop_tokens=[]):
@@ -77,20 +87,25 @@ def client_run(model, sessions: int, new_tokens: int) -> dict:
 def gateway_run(base_url: str, served: str, sessions: int, new_tokens: int) -> dict:
     import openai
 
-    async def one(client, index, stamps):
-        prompt = [(7 * index + i) % 200 + 1 for i in range(PROMPT_TOKENS)]
-        stream = await client.completions.create(model=served, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                                 stream=True)
-        async for _ in stream:
-            stamps.append(time.perf_counter())
+    async def one(client, index, stamps) -> int:
+        """Times the chunks that carry text; returns the tokens the stream carried (from its usage)."""
+        stream = await client.completions.create(model=served, prompt=prompt_of(index), max_tokens=new_tokens,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True})
+        tokens = 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return tokens
 
     async def run():
         client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=600)
         streams = [[] for _ in range(sessions)]
         started = time.perf_counter()
-        await asyncio.gather(*(one(client, i, streams[i]) for i in range(sessions)))
+        tokens = await asyncio.gather(*(one(client, i, streams[i]) for i in range(sessions)))
         await client.close()
-        return summarize([s[:-1] for s in streams], started)  # the last chunk only carries finish_reason
+        return summarize(streams, started, list(tokens))
 
     return asyncio.run(run())
 
@@ -139,15 +154,12 @@ def main(argv=None) -> int:
     from client import MeshModel
     from mesh.launcher import LocalSwarm
     from shards.demo_model import build_tokenizer
-    from shards.random_model import save_random_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(ready_timeout=300) as swarm:
         # The gateway answers in text, so the model gets the demo model's tokenizer (and its vocabulary size).
         tokenizer = build_tokenizer()
-        size = {**SIZES[args.size], "vocab_size": len(tokenizer)}
-        path = str(save_random_model("llama", Path(tmp) / f"{args.size}-llama", initializer_range=0.02,
-                                     max_position_embeddings=4096, **size))
+        path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama", vocab_size=len(tokenizer))
         tokenizer.save_pretrained(path)
         swarm.start_dht()
         [donor] = swarm.start_donors(path, [f"0:{SIZES[args.size]['num_hidden_layers']}"], "--torch-threads",
@@ -172,20 +184,24 @@ def main(argv=None) -> int:
     for row in rows:
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
-        row["steady_vs_single"] = row["steady_tokens_per_s"] / single["aggregate_tokens_per_s"]
+        steady = row["steady_tokens_per_s"]
+        row["steady_vs_single"] = None if steady is None else steady / single["aggregate_tokens_per_s"]
     command = command_line(argv, "benchmarks.concurrency")
     print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
           f"per session; donor torch threads {args.threads}, client 1")
     print("aggregate: all decode tokens over the whole run; steady: while every session decodes (after the\n"
           "last prefill, before the first session ends); 'x single' divides by one session's aggregate rate;\n"
-          "batch: the donor's decode batch size that carried the most tokens")
+          "batch: the donor's decode batch size that carried the most tokens; gateway latencies are between\n"
+          "text chunks (a chunk may carry several tokens), its token counts come from the stream's usage")
     print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'steady tok/s':>13} {'x single':>9} "
           f"{'per session':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     for r in rows:
         weighted = {int(size): int(size) * count for size, count in r["batches"].items()}
         common = max(weighted.items(), key=lambda kv: kv[1])[0] if weighted else "-"
+        steady = "-" if r["steady_tokens_per_s"] is None else f"{r['steady_tokens_per_s']:.1f}"
+        steady_ratio = "-" if r["steady_vs_single"] is None else f"{r['steady_vs_single']:.2f}"
         print(f"{r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} {r['vs_single']:>9.2f} "
-              f"{r['steady_tokens_per_s']:>13.1f} {r['steady_vs_single']:>9.2f} {r['per_session_tokens_per_s']:>12.1f} "
+              f"{steady:>13} {steady_ratio:>9} {r['per_session_tokens_per_s']:>12.1f} "
               f"{r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f} {common:>6}")
     save(args.json, command, rows)
     return 0

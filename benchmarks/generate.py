@@ -141,39 +141,42 @@ def run_rounds(path: str, donor_counts: list[int], new_tokens: int, threads: int
                donor_env: dict | None = None) -> list[dict]:
     """Every round runs (a), (b) and (c) back to back, so each ratio compares runs minutes apart at
     most: this machine's speed drifts by tens of percent over a few minutes."""
-    local_threads = threads
     transformers, shards = TransformersRun(path, new_tokens), ShardsRun(path, new_tokens)
-    records: dict[str, list[tuple[dict, dict]]] = {"transformers generate": [], "local shards": []}
+    reference_runs: list[dict] = []
+    shard_pairs: list[tuple[dict, dict]] = []
+    mesh_rows = []
     for donors in donor_counts:
-        way = f"mesh, {donors} donor(s)"
-        records[way] = []
+        mesh_pairs = []
         with MeshRun(path, donors, new_tokens, threads, donor_env) as mesh:
             for _ in range(rounds):
-                torch.set_num_threads(local_threads)
+                torch.set_num_threads(threads)
                 reference = transformers()
-                records["transformers generate"].append((reference, reference))
-                records["local shards"].append((shards(), reference))
+                reference_runs.append(reference)
+                shard_pairs.append((shards(), reference))
                 torch.set_num_threads(1)  # the client only embeds, samples and runs the head
-                records[way].append((mesh(), reference))
-    return [summarize(way, pairs, donor_count(way)) for way, pairs in records.items()]
+                mesh_pairs.append((mesh(), reference))
+        mesh_rows.append({**summarize(f"mesh, {donors} donor(s)", mesh_pairs), "donors": donors})
+    return [summarize("transformers generate", [(run, run) for run in reference_runs]),
+            summarize("local shards", shard_pairs), *mesh_rows]
 
 
-def donor_count(way: str) -> int | None:
-    return int(way.split()[1]) if way.startswith("mesh") else None
-
-
-def summarize(way: str, pairs: list[tuple[dict, dict]], donors: int | None) -> dict:
+def summarize(way: str, pairs: list[tuple[dict, dict]]) -> dict:
     """Medians over the rounds; the ratio is the median of per-round ratios (paired, same round)."""
     runs = [run for run, _ in pairs]
-    row = {"way": way, "rounds": len(runs),
-           **{key: statistics.median(run[key] for run in runs) for key in runs[0]},
-           "vs_transformers": statistics.median(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-                                                for run, ref in pairs),
-           "vs_transformers_per_round": [round(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
-                                         for run, ref in pairs]}
-    if donors:
-        row["donors"] = donors
-    return row
+    return {"way": way, "rounds": len(runs),
+            **{key: statistics.median(run[key] for run in runs) for key in runs[0]},
+            "vs_transformers": statistics.median(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                                                 for run, ref in pairs),
+            "vs_transformers_per_round": [round(run["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
+                                          for run, ref in pairs]}
+
+
+def save_size_model(size: str, directory: Path, **overrides) -> str:
+    """The benchmarks' random Llama of a named size (SIZES), saved to `directory`."""
+    from shards.random_model import save_random_model
+
+    settings = {"initializer_range": 0.02, "max_position_embeddings": 4096, **SIZES[size], **overrides}
+    return str(save_random_model("llama", directory, **settings))
 
 
 def main(argv=None) -> int:
@@ -190,10 +193,7 @@ def main(argv=None) -> int:
     donor_env = dict(item.split("=", 1) for item in args.donor_env)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        from shards.random_model import save_random_model
-
-        path = str(save_random_model("llama", Path(tmp) / f"{args.size}-llama", initializer_range=0.02,
-                                     max_position_embeddings=4096, **SIZES[args.size]))
+        path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama")
         rows = run_rounds(path, [int(d) for d in args.donors.split(",")], args.new_tokens, args.threads, args.rounds,
                           donor_env)
     local = rows[1]["step_ms"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.generate import SIZES
+from benchmarks.generate import SIZES, save_size_model
 from benchmarks.report import command_line, save
 
 SESSIONS = 4
@@ -33,13 +33,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from mesh.launcher import LocalSwarm
     from mesh.transport import Connection
-    from shards.random_model import save_random_model
 
     size = SIZES[args.size]
     layers = f"0:{size['num_hidden_layers'] // 2}"
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(ready_timeout=300) as swarm:
-        path = str(save_random_model("llama", Path(tmp) / f"{args.size}-llama", initializer_range=0.02,
-                                     max_position_embeddings=max(4096, args.cache_tokens), **size))
+        path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama",
+                               max_position_embeddings=max(4096, args.cache_tokens))
         swarm.start_dht()
         [donor] = swarm.start_donors(path, [layers], "--torch-threads", "2", "--cache-tokens", str(args.cache_tokens))
         connections = [Connection.open("127.0.0.1", donor.port) for _ in range(SESSIONS)]
