@@ -14,10 +14,10 @@ import sys
 # Processes that compute in bursts separated by network waits (donors between steps, the gateway's
 # head between hops) should not leave OpenMP workers spinning after each burst: by default libgomp
 # spins for about 300,000 iterations, long enough to steal the cores that the next donor in the
-# chain needs when several share a machine. Two donors on one 2-core machine lost 17% of their
-# decode speed to it; with this count, barriers inside a step still spin (their gaps are
-# microseconds) and idle workers sleep between steps (benchmarks/RESULTS.md). Must be set before
-# torch is imported; a value the user set, or OMP_WAIT_POLICY, wins.
+# chain needs when several share a machine: two donors on one 2-core machine decoded at 0.83x
+# transformers' speed with the default, 0.88-1.05x with this count (benchmarks/RESULTS.md). With it,
+# barriers inside a step still spin (their gaps are microseconds) and idle workers sleep between
+# steps. Must be set before torch is imported; a value the user set, or OMP_WAIT_POLICY, wins.
 BURST_GOMP_SPINCOUNT = "10000"
 
 
