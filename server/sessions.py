@@ -23,7 +23,7 @@ class StepBuffer:
     """One decode step's tensor of a session, allocated once and refilled at every step.
 
     Building a tensor over each request's bytes, or bytes over each output tensor, takes several
-    torch and numpy calls, and each costs 10-20 times its warm price when the donor's caches are
+    torch and numpy calls, and each can cost 10-20 times its warm price when the donor's caches are
     cold (`python -m benchmarks.cold_path`); with these buffers a decode step takes none on the way
     in (a memory copy) and one on the way out (a torch copy, right after the shard ran). Steps of one
     session never overlap, so one buffer per direction and session is enough; batches copy their
