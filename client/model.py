@@ -91,7 +91,8 @@ class MeshModel:
                         device: str | None = None, dtype: str | None = None, revision: str | None = None,
                         route_timeout: float = 10.0, **session_options) -> "MeshModel":
         """`model`: hub id or local directory (only config, tokenizer and the edge tensors are read).
-        `session_options`: request_timeout, connect_timeout, max_failovers, recovery_deadline."""
+        `session_options`: request_timeout, connect_timeout, max_failovers, recovery_deadline,
+        forwarding (donors hand steps to each other; False: through the client), trace."""
         from mesh.dht import start_dht
 
         ckpt = open_checkpoint(model, revision)

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from mesh.protocol import WireTensor
+from mesh.protocol import Message, WireTensor
 from mesh.routing import Hop
 from mesh.transport import Connection, RemoteError
 
@@ -21,6 +21,7 @@ class RemoteSpan:
         self.session: str | None = None
         self.position = 0  # tokens this hop's session holds
         self.last_compute_seconds = 0.0  # the donor's own compute time for the last request
+        self.last_trace: list | None = None  # [received, sent] on the donor's clock, for traced steps
 
     @classmethod
     def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
@@ -37,18 +38,40 @@ class RemoteSpan:
         self.session = reply.header["session"]
         self.position = 0
 
-    def step(self, hidden: torch.Tensor | WireTensor, timeout: float) -> WireTensor:
+    def step(self, hidden: torch.Tensor | WireTensor, timeout: float, trace: bool = False) -> WireTensor:
         """Run hidden [1, T, D] through this hop's session; its cache grows by T.
 
         The result stays in wire form: the next hop takes it as it is, and only the last one is
-        turned into a torch tensor (by the caller)."""
-        reply = self.connection.request(
-            {"type": "step", "session": self.session, "position": self.position}, [hidden], timeout=timeout)
-        if len(reply.wire) != 1 or reply.wire[0].shape != tuple(hidden.shape):
-            raise RemoteError("bad_reply", f"{self.hop.donor.address} answered a step of shape "
-                                           f"{list(hidden.shape)} with {[w.spec for w in reply.wire]}")
+        turned into a torch tensor (by the caller). `trace`: have the donor report when it
+        received the step and sent the answer (`last_trace`)."""
+        header = {"type": "step", "session": self.session, "position": self.position}
+        if trace:
+            header["trace"] = True
+        reply = self.connection.request(header, [hidden], timeout=timeout)
+        output = self.check_output(reply, hidden.shape)
         self.position += hidden.shape[1]
-        self.last_compute_seconds = reply.header.get("compute_ms", 0.0) / 1000
+        compute_ms = reply.header.get("compute_ms", 0.0)
+        self.last_compute_seconds = compute_ms / 1000 if isinstance(compute_ms, (int, float)) else 0.0
+        if trace:
+            self.last_trace = (reply.header.get("trace") or [None])[-1]
+        return output
+
+    def send_forwarded_step(self, hidden: torch.Tensor | WireTensor, rest: list["RemoteSpan"], timeout: float,
+                            trace: bool = False) -> int:
+        """Send a step that this donor hands on through `rest` (server/forwarding.py); its request id,
+        under which the last of `rest` answers."""
+        forward = [{"address": span.hop.donor.address, "session": span.session, "position": span.position}
+                   for span in rest]
+        header = {"type": "step", "session": self.session, "position": self.position, "forward": forward}
+        if trace:
+            header["trace"] = True
+        return self.connection.send(header, [hidden], timeout=timeout)
+
+    def check_output(self, reply: Message, shape) -> WireTensor:
+        """A step's result: one tensor of the input's shape, or RemoteError."""
+        if len(reply.wire) != 1 or reply.wire[0].shape != tuple(shape):
+            raise RemoteError("bad_reply", f"{self.hop.donor.address} answered a step of shape "
+                                           f"{list(shape)} with {[w.spec for w in reply.wire]}")
         return reply.wire[0]
 
     def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:

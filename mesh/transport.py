@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import socket
+import time
 from collections.abc import Callable
 
 from mesh.protocol import (
@@ -39,6 +41,10 @@ class RemoteError(Exception):
         self.code = code
         self.message = message
 
+
+# Request ids are unique across all of a process's connections: a message about a request can
+# arrive on another connection than the one it was sent on (forwarded steps, see wait_for_first).
+_REQUEST_IDS = itertools.count()
 
 STAGING_BYTES = 1 << 16  # small frames are parsed from here; one recv usually holds a whole frame
 
@@ -179,7 +185,6 @@ class Connection:
     def __init__(self, sock: socket.socket, address: str, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES):
         self.sock = sock
         self.address = address
-        self._ids = itertools.count()
         self._replies: list[Message] = []
         self._timeout = sock.gettimeout()
         self._error: Exception | None = None
@@ -199,10 +204,8 @@ class Connection:
         """Send a request and wait for its reply; raises RemoteError, ConnectionLost or TimeoutError."""
         if self._error is not None:
             raise self._error
-        request_id = next(self._ids)
-        if timeout != self._timeout:  # settimeout is a system call; decode steps repeat the same value
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        request_id = next(_REQUEST_IDS)
+        self._set_timeout(timeout)
         try:
             self._send(encode({**header, "id": request_id}, list(tensors)))
             reply = self._receive(request_id)
@@ -215,6 +218,26 @@ class Connection:
             raise RemoteError(reply.header.get("code", "error"), reply.header.get("message", ""))
         return reply
 
+    def send(self, header: dict, tensors=(), timeout: float | None = None) -> int:
+        """Send a request without waiting for an answer; its id. What comes back about it, on this
+        or another connection, is read with `wait_for_first`."""
+        if self._error is not None:
+            raise self._error
+        request_id = next(_REQUEST_IDS)
+        self._set_timeout(timeout)
+        try:
+            self._send(encode({**header, "id": request_id}, list(tensors)))
+        except TimeoutError:
+            raise self._broken(ConnectionLost(f"{self.address} accepted no data within {timeout:g}s")) from None
+        except OSError as err:
+            raise self._broken(ConnectionLost(f"connection to {self.address} lost: {err}")) from None
+        return request_id
+
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout:  # settimeout is a system call; decode steps repeat the same value
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
     def _send(self, buffers) -> None:
         if sum(len(b) for b in buffers) <= STAGING_BYTES:
             self.sock.sendall(b"".join(buffers))  # one segment for a small frame
@@ -224,17 +247,27 @@ class Connection:
 
     def _receive(self, request_id) -> Message:
         while True:
-            while self._replies:
-                reply = self._replies.pop(0)
-                if reply.header.get("id") in (request_id, None):  # None: the peer could not parse us
-                    return reply
-            if self._error is not None:
-                raise self._error
-            buffer = self._parser.get_buffer(-1)
-            received = self.sock.recv_into(buffer)
-            if received == 0:
-                raise self._broken(ConnectionLost(f"connection to {self.address} closed by the peer"))
-            self._parser.buffer_updated(received)
+            reply = self._take(request_id)
+            if reply is not None:
+                return reply
+            self._read_some()
+
+    def _take(self, request_id) -> Message | None:
+        """The parsed message about `request_id`, if one came; drops older ones (answers nobody waits for)."""
+        while self._replies:
+            reply = self._replies.pop(0)
+            if reply.header.get("id") in (request_id, None):  # None: the peer could not parse us
+                return reply
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def _read_some(self) -> None:
+        buffer = self._parser.get_buffer(-1)
+        received = self.sock.recv_into(buffer)
+        if received == 0:
+            raise self._broken(ConnectionLost(f"connection to {self.address} closed by the peer"))
+        self._parser.buffer_updated(received)
 
     def _on_fatal(self, error: ProtocolError) -> None:
         self._broken(ConnectionLost(f"{self.address} sent a malformed frame: {error.message}"))
@@ -254,6 +287,41 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def wait_for_first(connections: list[Connection], request_id, timeout: float) -> tuple[int, Message | Exception]:
+    """The first message about `request_id` on any of `connections`, and the index of the connection
+    it came on; or the error of the first connection that broke (closed, malformed stream), with its
+    index. Raises TimeoutError when nothing came within `timeout`; the connections stay usable then.
+
+    For forwarded steps: the request goes to the first donor of a chain, the result comes from the
+    last, and a donor on the way that fails says so on its own connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for index in range(len(connections) - 1, -1, -1):  # the last one is where results come from
+            try:
+                message = connections[index]._take(request_id)
+            except (ConnectionLost, OSError) as err:
+                return index, err
+            if message is not None:
+                return index, message
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no answer from {connections[-1].address} within {timeout:g}s")
+        try:
+            ready, _, _ = select.select([c.sock for c in connections], [], [], remaining)
+        except (OSError, ValueError) as err:  # ValueError: a socket was closed under us
+            broken = next((i for i, c in enumerate(connections) if c.is_closed), 0)
+            return broken, ConnectionLost(f"connection to {connections[broken].address} lost: {err}")
+        for sock in ready:
+            index = next(i for i, c in enumerate(connections) if c.sock is sock)
+            try:
+                connections[index]._read_some()
+            except TimeoutError:
+                continue  # select saw data that was not there after all: wait again
+            except OSError as err:
+                return index, connections[index]._broken(ConnectionLost(
+                    f"connection to {connections[index].address} lost: {err}"))
 
 
 class Responder:

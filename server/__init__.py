@@ -1,1 +1,11 @@
-"""The donor: loads a shard, serves it on the mesh, batches sessions, bounds memory. (Not built yet.)"""
+"""The donor: serves a shard's layers to the mesh, with sessions, batching and a bounded memory.
+
+Map:
+  serve.py       `mesh serve`: load the layers, measure, join the DHT, run until a signal
+  donor.py       Donor (server + session sweeper) and Heartbeat (the DHT announcement)
+  handlers.py    data-plane requests: ping, info, open, step, close, forward; every field checked
+  forwarding.py  forwarded steps: output pushed to the next donor, results to the session's client
+  compute.py     BatchingExecutor: runs the shard, one-token steps of concurrent sessions batched
+  sessions.py    per-session KV caches reserved against a byte budget, idle expiry, step buffers
+  throughput.py  the tokens/s a donor announces
+"""

@@ -12,6 +12,7 @@ from mesh.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from mesh.records import DonorRecord
 from mesh.transport import ServerConnection, start_server
 from server.compute import BatchingExecutor
+from server.forwarding import Forwarder
 from server.handlers import DonorHandlers
 from server.sessions import SessionTable
 from shards.shard import Shard
@@ -41,8 +42,10 @@ class Donor:
         self.device = device
         self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout)
         self.worker = BatchingExecutor(shard, settings.max_batch)
+        self.forwarder = Forwarder(self.sessions, settings.max_payload)
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
-                                      describe={"backend": shard.device_info.backend, "device": device})
+                                      describe={"backend": shard.device_info.backend, "device": device},
+                                      forwarder=self.forwarder)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self.address = ""
@@ -78,6 +81,7 @@ class Donor:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.forwarder.close()
         if self.server is not None:
             self.server.close()
 

@@ -8,13 +8,16 @@ Compute lives in compute.py.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from mesh.protocol import Message, ProtocolError, WireTensor
+from mesh.protocol import Message, ProtocolError, WireTensor, error_header
 from mesh.transport import Responder
 from server.compute import BatchingExecutor
+from server.forwarding import Forwarder, parse_forward, tell_owner
+from server.sessions import Session, SessionTable
 from shards.errors import CacheOverflowError
-from server.sessions import SessionTable
 from shards.shard import Shard
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -22,8 +25,9 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 class DonorHandlers:
     def __init__(self, shard: Shard, sessions: SessionTable, worker: BatchingExecutor, model_id: str,
-                 max_forward_tokens: int = 8192, describe: dict | None = None):
+                 max_forward_tokens: int = 8192, describe: dict | None = None, forwarder: Forwarder | None = None):
         self.shard, self.sessions, self.worker = shard, sessions, worker
+        self.forwarder = forwarder or Forwarder(sessions)
         self.model_id = model_id
         self.max_forward_tokens = max_forward_tokens
         self.describe = describe or {}
@@ -49,7 +53,8 @@ class DonorHandlers:
                     "free_cache_tokens": self.sessions.free_tokens(),
                     "cache_budget_bytes": self.sessions.budget_bytes, "weight_bytes": self.weight_bytes,
                     "peak_rss_bytes": process_memory("VmHWM"), "rss_bytes": process_memory("VmRSS"),
-                    "compute": self.worker.stats.as_dict(), **self.describe})
+                    "compute": self.worker.stats.as_dict(), "forwarded_steps": self.forwarder.forwarded,
+                    **self.describe})
 
     def open(self, message, connection, respond):
         header = message.header
@@ -60,9 +65,18 @@ class DonorHandlers:
         respond.ok({"type": "opened", "session": session.id, "reserved_bytes": session.reserved_bytes})
 
     def step(self, message, connection, respond):
+        """One step of a session. A plain step is answered on its connection. A step with "forward"
+        hands its output to the next donor instead, and a step handed on by another donor ("tag")
+        answers the client that opened the session (forwarding.py)."""
         header = message.header
-        session = self.sessions.get(header.get("session"), owner=connection)
+        trace = _trace_so_far(header)
+        tag = header.get("tag")
+        handed_on = tag is not None
+        # A step handed on by another donor comes over that donor's link, not over the connection
+        # that opened the session: its random id is what entitles it.
+        session = self.sessions.get(header.get("session"), owner=None if handed_on else connection)
         position = _int_field(header, "position")
+        forward = parse_forward(header["forward"]) if "forward" in header else None
         wire = self._hidden(message, batch=1)
         cache = session.cache
         if position > cache.length:
@@ -76,6 +90,12 @@ class DonorHandlers:
         # between the request's bytes and the shard, one copy between the shard and the reply
         # (benchmarks/cold_path.py).
         decoding = wire.shape[1] == 1
+        if forward is None and not handed_on:
+            deliver = _reply_with_result(respond, trace)
+        else:
+            compute_ms = header.get("compute_ms", []) if handed_on else []
+            deliver = self._deliver_forwarded(session, tag if handed_on else header.get("id"), compute_ms, forward,
+                                              trace)
         hidden = session.step_input.load(wire) if decoding else wire.to_torch()
         cache.truncate(position)  # a retried step overwrites what a lost reply had computed
         session.busy = True
@@ -84,10 +104,28 @@ class DonorHandlers:
             session.busy = False
             if decoding and output is not None:
                 output = session.step_output.store(output)
-            reply(output, error, seconds)
+            deliver(output, error, seconds)
 
-        reply = _reply_with_result(respond)
         self.worker.submit(hidden, (session.start, session.end), cache, release, submitter=session)
+
+    def _deliver_forwarded(self, session: Session, tag, compute_ms: list, forward: list[dict] | None,
+                           trace: list | None):
+        """Where a forwarded step's outcome goes: on to the next donor, or to the session's client."""
+        if not isinstance(compute_ms, list) or len(compute_ms) > 64:
+            raise ProtocolError("bad_request", "'compute_ms' must be a list of at most 64 numbers")
+
+        def done(output, error, seconds):
+            if error is not None:
+                code = "cache_overflow" if isinstance(error, CacheOverflowError) else "internal"
+                tell_owner(session, error_header(tag, code, f"{type(error).__name__}: {error}"))
+                return
+            extra = {} if trace is None else {"trace": _traced(trace)}
+            times = [*compute_ms, round(seconds * 1000, 4)]
+            if forward:
+                self.forwarder.push(session, tag, times, output, forward, extra)
+            else:
+                tell_owner(session, {"type": "result", "id": tag, "compute_ms": times, **extra}, [output])
+        return done
 
     def close(self, message, connection, respond):
         session_id = message.header.get("session")
@@ -141,10 +179,28 @@ def process_memory(field: str) -> int | None:
     return None
 
 
-def _reply_with_result(respond: Responder):
+def _trace_so_far(header: dict) -> list | None:
+    """A traced step ("trace": true, or the hops so far when handed on) gets this donor's
+    [received, sent] perf_counter timestamps appended; None when not traced. perf_counter is the
+    system's monotonic clock on Linux, so timestamps of processes on one machine compare."""
+    trace = header.get("trace")
+    if trace is None or trace is False:
+        return None
+    if trace is not True and not (isinstance(trace, list) and len(trace) <= 64):
+        raise ProtocolError("bad_request", "'trace' must be true or a list of at most 64 timestamp pairs")
+    return [*([] if trace is True else trace), [time.perf_counter()]]
+
+
+def _traced(trace: list) -> list:
+    trace[-1].append(time.perf_counter())
+    return trace
+
+
+def _reply_with_result(respond: Responder, trace: list | None = None):
     def done(output, error, seconds):
         if error is None:
-            respond.ok({"type": "result", "compute_ms": round(seconds * 1000, 4)}, [output])
+            extra = {} if trace is None else {"trace": _traced(trace)}
+            respond.ok({"type": "result", "compute_ms": round(seconds * 1000, 4), **extra}, [output])
         elif isinstance(error, CacheOverflowError):
             respond.error("cache_overflow", str(error))
         else:

@@ -112,9 +112,10 @@ class SessionTable:
         self.opened_total += 1
         return session
 
-    def get(self, session_id, owner: object) -> Session:
+    def get(self, session_id, owner: object | None) -> Session:
+        """The open session `session_id`, if `owner` opened it (None: whoever did)."""
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
-        if session is None or session.owner is not owner:
+        if session is None or (owner is not None and session.owner is not owner):
             raise ProtocolError("unknown_session", f"no open session {session_id!r} on this connection "
                                                    "(it was closed, timed out, or never opened)")
         session.last_used = self.clock()

@@ -21,9 +21,14 @@ def run_benchmark(script: str, *args: str, tmp_path) -> dict:
 
 
 def test_hop_latency_benchmark(tmp_path):
-    result = run_benchmark("hop_latency", "--steps", "20", "--donors", "1,2", tmp_path=tmp_path)
-    assert [r["donors"] for r in result["results"]] == [1, 2]
-    assert all(r["step_ms"] > 0 and r["added_per_hop_ms"] > 0 for r in result["results"])
+    result = run_benchmark("hop_latency", "--steps", "20", "--donors", "1,2", "--trace", tmp_path=tmp_path)
+    rows = result["results"]
+    assert [(r["donors"], r["mode"]) for r in rows] == [(1, "relayed"), (2, "relayed"), (2, "forwarded")]
+    assert all(r["step_ms"] > 0 and r["added_per_hop_ms"] > 0 for r in rows)
+    assert rows[2]["forwarded_over_relayed"] > 0
+    # where the time goes: every segment the donors time-stamped (no donor-to-donor gap with one donor)
+    assert len(rows[0]["segments_us"]) == 3 and len(rows[2]["segments_us"]) == 4
+    assert all(value > 0 for r in rows for value in r["segments_us"].values())
 
 
 def test_transport_benchmark(tmp_path):

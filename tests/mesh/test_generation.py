@@ -98,6 +98,35 @@ def test_concurrent_sessions_are_batched_and_exact(mesh_model, swarm):
     assert max(s["max_batch"] for s in stats) > 1
 
 
+def forwarded_steps(swarm) -> list[int]:
+    counts = []
+    for donor in swarm.donors:
+        host, port = donor.address.rsplit(":", 1)
+        connection = Connection.open(host, int(port))
+        try:
+            counts.append(connection.request({"type": "info"}).header["forwarded_steps"])
+        finally:
+            connection.close()
+    return counts
+
+
+def test_donors_forward_steps_and_relaying_gives_the_same_tokens(mesh_model, swarm):
+    prompt = random_prompt(10, seed=8)[0].tolist()
+    before = forwarded_steps(swarm)
+    forwarded = mesh_model.generate(prompt, max_new_tokens=12, stop_tokens=[])
+    middle = forwarded_steps(swarm)
+    mesh_model.session_options["forwarding"] = False
+    try:
+        relayed = mesh_model.generate(prompt, max_new_tokens=12, stop_tokens=[])
+    finally:
+        del mesh_model.session_options["forwarding"]
+    after = forwarded_steps(swarm)
+    assert forwarded == relayed and len(forwarded) == 12
+    # 12 steps (the prompt, then 11 tokens): the first two donors handed each on; the last answered
+    assert [m - b for m, b in zip(middle, before)] == [12, 12, 0]
+    assert after == middle
+
+
 def test_status_shows_the_three_ranges(swarm):
     out = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--initial-peers", *swarm.initial_peers],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

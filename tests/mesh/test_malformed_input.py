@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mesh.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, encode
-from mesh.transport import Connection, RemoteError
+from mesh.transport import Connection, RemoteError, wait_for_first
 from server.donor import Donor, DonorSettings
 from shards import load_edges, load_shard
 from tests.conftest import FP32_TOLERANCE, random_prompt
@@ -125,6 +125,12 @@ def test_bad_requests_get_error_replies_while_a_healthy_session_runs(donor, mode
     expect("bad position", {"type": "step", "session": mine, "position": 7}, [good])
     expect("layers not served", {"type": "open", "start": 2, "end": 5, "max_length": 4})
     expect("cache full", {"type": "open", "start": 0, "end": 3, "max_length": 250})
+    expect("forward not a list", {"type": "step", "session": mine, "position": 0, "forward": "next"}, [good])
+    expect("forward without address", {"type": "step", "session": mine, "position": 0,
+                                        "forward": [{"address": "nowhere", "session": "s", "position": 0}]}, [good])
+    expect("forward bad position", {"type": "step", "session": mine, "position": 0,
+                                     "forward": [{"address": "127.0.0.1:1", "session": "s", "position": -1}]}, [good])
+    expect("bad trace", {"type": "step", "session": mine, "position": 0, "trace": "yes"}, [good])
     expect("unknown type", {"type": "train"})
     expect("still fine", {"type": "step", "session": mine, "position": 0}, [good])
     worker.join(30)
@@ -143,6 +149,10 @@ def test_bad_requests_get_error_replies_while_a_healthy_session_runs(donor, mode
         "bad position": ("bad_request", "position 7 is ahead of this session's 0 tokens"),
         "layers not served": ("bad_request", "layers [2, 5) are not served here"),
         "cache full": ("cache_full", "needs"),
+        "forward not a list": ("bad_request", "'forward' must be a list of 1 to 64 hops"),
+        "forward without address": ("bad_request", "needs an 'address' host:port, got 'nowhere'"),
+        "forward bad position": ("bad_request", "non-negative integer 'position'"),
+        "bad trace": ("bad_request", "'trace' must be true or a list"),
         "unknown type": ("bad_request", "unknown message type 'train'"),
     }
     for name, (code, fragment) in expected.items():
@@ -153,6 +163,29 @@ def test_bad_requests_get_error_replies_while_a_healthy_session_runs(donor, mode
             break
         time.sleep(0.1)
     assert instance.sessions.sessions == {}
+
+
+def test_a_next_donor_out_of_reach_is_reported_to_the_client(donor):
+    """A forwarded step whose next donor cannot be reached: the client hears it on its own
+    connection, as the next hop's failure, and the session still works."""
+    _, port = donor
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    connection = Connection.open("127.0.0.1", port)
+    try:
+        session = connection.request({"type": "open", "start": 0, "end": 3, "max_length": 8}).header["session"]
+        forward = [{"address": f"127.0.0.1:{closed_port}", "session": "0" * 32, "position": 0}]
+        tag = connection.send({"type": "step", "session": session, "position": 0, "forward": forward},
+                              [torch.zeros(1, 1, 64)])
+        index, message = wait_for_first([connection], tag, timeout=15)
+        assert index == 0 and message.type == "error"
+        assert message.header["code"] == "unreachable" and message.header["next_hop_failed"] is True
+        assert f"127.0.0.1:{closed_port}" in message.header["message"]
+        reply = connection.request({"type": "step", "session": session, "position": 0}, [torch.zeros(1, 1, 64)])
+        assert reply.wire[0].shape == (1, 1, 64)
+    finally:
+        connection.close()
 
 
 def test_idle_sessions_expire(model_dir):
