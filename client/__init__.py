@@ -2,7 +2,7 @@
 
 Map:
   model.py     MeshModel (entry point): generate(), stream(), forward(), inference_session()
-  session.py   RemoteSession: a chain of donors with failover and replay
+  session.py   RemoteSession: a chain of donors, steps forwarded donor to donor (or relayed), failover and replay
   swarm.py     records from the DHT, round trips, bans, routes that wait for missing layers
   remote.py    RemoteSpan: one hop (connection + donor-side session)
   sampling.py  greedy / temperature / top-k / top-p / penalties / seed; token logprobs

@@ -16,6 +16,9 @@ A donor that dies says nothing, but the client sees its connection close.
 
 A session id is a 128-bit random secret; a forwarded step names it, so whoever knows it (the
 client, and the donors before this one in its chain) can step that session from another connection.
+A donor dials whatever address a step names, within LINK_CONNECT_TIMEOUT, and sends it nothing but
+mesh frames; a client that does not want its activations to pass between donors unseen (to check
+each donor's output, say) relays its steps instead (`forwarding=False`).
 """
 
 from __future__ import annotations

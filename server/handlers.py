@@ -70,13 +70,11 @@ class DonorHandlers:
         answers the client that opened the session (forwarding.py)."""
         header = message.header
         trace = _trace_so_far(header)
-        tag = header.get("tag")
-        handed_on = tag is not None
         # A step handed on by another donor comes over that donor's link, not over the connection
         # that opened the session: its random id is what entitles it.
+        handed_on = "tag" in header
         session = self.sessions.get(header.get("session"), owner=None if handed_on else connection)
         position = _int_field(header, "position")
-        forward = parse_forward(header["forward"]) if "forward" in header else None
         wire = self._hidden(message, batch=1)
         cache = session.cache
         if position > cache.length:
@@ -86,16 +84,11 @@ class DonorHandlers:
                                                   f"exceeds the {cache.capacity} tokens reserved for this session")
         if session.busy:
             raise ProtocolError("bad_request", "this session's previous step has not finished; send steps one at a time")
+        deliver = self._delivery(header, session, respond, trace)
         # A decode step goes through the session's reusable buffers, in and out: no torch call
         # between the request's bytes and the shard, one copy between the shard and the reply
         # (benchmarks/cold_path.py).
         decoding = wire.shape[1] == 1
-        if forward is None and not handed_on:
-            deliver = _reply_with_result(respond, trace)
-        else:
-            compute_ms = header.get("compute_ms", []) if handed_on else []
-            deliver = self._deliver_forwarded(session, tag if handed_on else header.get("id"), compute_ms, forward,
-                                              trace)
         hidden = session.step_input.load(wire) if decoding else wire.to_torch()
         cache.truncate(position)  # a retried step overwrites what a lost reply had computed
         session.busy = True
@@ -108,12 +101,21 @@ class DonorHandlers:
 
         self.worker.submit(hidden, (session.start, session.end), cache, release, submitter=session)
 
-    def _deliver_forwarded(self, session: Session, tag, compute_ms: list, forward: list[dict] | None,
-                           trace: list | None):
-        """Where a forwarded step's outcome goes: on to the next donor, or to the session's client."""
+    def _delivery(self, header: dict, session: Session, respond: Responder, trace: list | None):
+        """Where a step's outcome goes: back on its connection (a plain step), on to the next donor
+        ("forward"), or to the client that opened the session (the last hop of a forwarded step)."""
+        forward = parse_forward(header["forward"]) if "forward" in header else None
+        tag = header.get("tag")  # the client's request id, carried along a forwarded step
+        if forward is None and tag is None:
+            return _reply_with_result(respond, trace)
+        compute_ms = header.get("compute_ms", []) if tag is not None else []
         if not isinstance(compute_ms, list) or len(compute_ms) > 64:
             raise ProtocolError("bad_request", "'compute_ms' must be a list of at most 64 numbers")
+        return self._deliver_forwarded(session, header.get("id") if tag is None else tag, compute_ms, forward, trace)
 
+    def _deliver_forwarded(self, session: Session, tag, compute_ms: list, forward: list[dict] | None,
+                           trace: list | None):
+        """The outcome of a forwarded step: on to the next donor, or to the session's client."""
         def done(output, error, seconds):
             if error is not None:
                 code = "cache_overflow" if isinstance(error, CacheOverflowError) else "internal"
