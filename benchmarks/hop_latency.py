@@ -98,10 +98,11 @@ def measure(model_dir: str, donors: int, steps: int, threads: int, trace: bool =
                 sessions[mode].close()
         finally:
             model.close()
-    return [summarize(donors, mode, donors, samples[mode]) for mode in modes]
+    return [summarize(donors, mode, samples[mode]) for mode in modes]
 
 
-def summarize(donors: int, mode: str, hops: int, samples: dict) -> dict:
+def summarize(donors: int, mode: str, samples: dict) -> dict:
+    hops = donors  # one hop per donor: each serves its own slice of the layers
     totals, added = samples["totals"], samples["added"]
     # This machine is noisy (shared, 2 vCPUs): also report the quietest block of 50 steps.
     block = min(50, len(added))

@@ -153,11 +153,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.on_closed(exc)
 
 
+def _one_segment(buffers) -> bytes | None:
+    """A small frame's buffers joined, to go out in one segment so that the peer wakes once per
+    frame; None for a large frame, whose tensors are better written without that copy."""
+    return b"".join(buffers) if sum(len(b) for b in buffers) <= STAGING_BYTES else None
+
+
 def write_message(transport: asyncio.Transport, header: dict, tensors=()) -> None:
     if not transport.is_closing():
         buffers = encode(header, list(tensors))
-        if sum(len(b) for b in buffers) <= STAGING_BYTES:
-            transport.write(b"".join(buffers))  # one segment, so the peer wakes once per frame
+        segment = _one_segment(buffers)
+        if segment is not None:
+            transport.write(segment)
         else:
             transport.writelines(buffers)
 
@@ -202,12 +209,8 @@ class Connection:
 
     def request(self, header: dict, tensors=(), timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; raises RemoteError, ConnectionLost or TimeoutError."""
-        if self._error is not None:
-            raise self._error
-        request_id = next(_REQUEST_IDS)
-        self._set_timeout(timeout)
+        request_id = self.send(header, tensors, timeout)
         try:
-            self._send(encode({**header, "id": request_id}, list(tensors)))
             reply = self._receive(request_id)
         except TimeoutError:
             self._broken(ConnectionLost(f"no reply from {self.address} within {timeout:g}s"))
@@ -239,8 +242,9 @@ class Connection:
             self._timeout = timeout
 
     def _send(self, buffers) -> None:
-        if sum(len(b) for b in buffers) <= STAGING_BYTES:
-            self.sock.sendall(b"".join(buffers))  # one segment for a small frame
+        segment = _one_segment(buffers)
+        if segment is not None:
+            self.sock.sendall(segment)
         else:
             for buffer in buffers:  # large tensors go out without being copied into one blob
                 self.sock.sendall(buffer)
@@ -301,7 +305,7 @@ def wait_for_first(connections: list[Connection], request_id, timeout: float) ->
         for index in range(len(connections) - 1, -1, -1):  # the last one is where results come from
             try:
                 message = connections[index]._take(request_id)
-            except (ConnectionLost, OSError) as err:
+            except OSError as err:  # ConnectionLost included
                 return index, err
             if message is not None:
                 return index, message

@@ -118,8 +118,7 @@ class DonorHandlers:
         """The outcome of a forwarded step: on to the next donor, or to the session's client."""
         def done(output, error, seconds):
             if error is not None:
-                code = "cache_overflow" if isinstance(error, CacheOverflowError) else "internal"
-                tell_owner(session, error_header(tag, code, f"{type(error).__name__}: {error}"))
+                tell_owner(session, error_header(tag, *_error_reply(error)))
                 return
             extra = {} if trace is None else {"trace": _traced(trace)}
             times = [*compute_ms, round(seconds * 1000, 4)]
@@ -203,11 +202,16 @@ def _reply_with_result(respond: Responder, trace: list | None = None):
         if error is None:
             extra = {} if trace is None else {"trace": _traced(trace)}
             respond.ok({"type": "result", "compute_ms": round(seconds * 1000, 4), **extra}, [output])
-        elif isinstance(error, CacheOverflowError):
-            respond.error("cache_overflow", str(error))
         else:
-            respond.error("internal", f"{type(error).__name__}: {error}")
+            respond.error(*_error_reply(error))
     return done
+
+
+def _error_reply(error: Exception) -> tuple[str, str]:
+    """(code, message) of the error reply for a compute that failed."""
+    if isinstance(error, CacheOverflowError):
+        return "cache_overflow", str(error)
+    return "internal", f"{type(error).__name__}: {error}"
 
 
 def _int_field(header: dict, name: str) -> int:
