@@ -3,6 +3,7 @@ one table last, writes JSON with --json, and stops every process it started by P
 
 Map:
   hop_latency.py  added latency per hop per decode step, through 1, 2 and 4 donors
+  bare_relay.py   its floor: the same chain of processes passing bytes only
   transport.py    round trip and bandwidth of the data plane beside hivemind's libp2p streams
   generate.py     transformers generate vs the project's shards vs the mesh (decode, TTFT, prefill)
   concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway

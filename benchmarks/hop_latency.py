@@ -10,10 +10,16 @@ With two donors or more, both ways of passing a step along are timed in alternat
 the same swarm: relayed (the client carries each hop's output to the next donor) and forwarded
 (each donor hands its output to the next; client/session.py).
 
+In the same rounds it times the floor under those figures (bare_relay.py): the same number of
+processes in a chain, each busy for as long as a donor computes, passing a frame of a step's size
+and doing nothing else. On a machine where waking an idle process is slow (a VM whose idle vCPUs
+halt), most of the added latency is there before any mesh code runs; "mesh - floor" is what the
+mesh's own code costs per hop.
+
 With --trace, donors time-stamp each step (received, answered) and the script also prints where
 the added time goes: into the first donor, inside each donor outside its compute, between donors,
-and back to the client. The timestamps come from one monotonic clock shared by the processes of
-this machine.
+and back to the client, for the floor's relays too. The timestamps come from one monotonic clock
+shared by the processes of this machine.
 
 Usage: python -m benchmarks.hop_latency [--donors 1,2,4] [--steps 300] [--trace] [--model DIR] [--json FILE]
 """
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bare_relay import BareChain
 from benchmarks.report import command_line, save
 
 from client import MeshModel
@@ -37,6 +44,8 @@ from mesh.launcher import LocalSwarm
 from shards.loading import even_splits
 
 
+# A step's frame beyond its tensor bytes: the 18-byte prefix and a JSON header of about this size.
+FRAME_OVERHEAD = 200
 SEGMENTS = ("client to first donor", "in a donor, not computing", "donor to next donor", "last donor to client")
 
 
@@ -60,13 +69,28 @@ def time_steps(session: RemoteSession, hidden: torch.Tensor, steps: int, samples
             samples["segments"].append(segments(session, started, finished))
 
 
+def time_floor(chain: BareChain, payload: bytes, steps: int, samples: dict) -> None:
+    """The same steps through the bare relays: everything but the relays' busy waits is added."""
+    for _ in range(steps):
+        started, finished, stamps = chain.step(payload)
+        worked = [w for _, _, w in stamps]
+        samples["totals"].append(finished - started)
+        samples["added"].append(finished - started - sum(worked))
+        pairs = [(received, sent) for received, sent, _ in stamps]
+        samples["segments"].append(cut(pairs, worked, started, finished))
+
+
 def segments(session: RemoteSession, started: float, finished: float) -> list[float]:
     """One traced step cut where the donors time-stamped it (seconds), as in SEGMENTS: the donors'
     and the gaps' figures are averages over the chain. Between two donors, a relayed step passes
     through the client, a forwarded one does not."""
-    stamps = [span.last_trace for span in session.spans]
-    inside = [sent - received - span.last_compute_seconds
-              for (received, sent), span in zip(stamps, session.spans)]
+    return cut([span.last_trace for span in session.spans], [span.last_compute_seconds for span in session.spans],
+               started, finished)
+
+
+def cut(stamps: list, busy: list[float], started: float, finished: float) -> list[float]:
+    """SEGMENTS from each hop's (received, sent) stamps and its busy (computing) seconds."""
+    inside = [sent - received - seconds for (received, sent), seconds in zip(stamps, busy)]
     gaps = [stamps[i + 1][0] - stamps[i][1] for i in range(len(stamps) - 1)]
     return [stamps[0][0] - started, statistics.fmean(inside), statistics.fmean(gaps) if gaps else float("nan"),
             finished - stamps[-1][1]]
@@ -74,8 +98,8 @@ def segments(session: RemoteSession, started: float, finished: float) -> list[fl
 
 def measure(model_dir: str, donors: int, steps: int, threads: int, trace: bool = False,
             rounds: int = 5) -> list[dict]:
-    """Both ways of passing a step along (relayed by the client, forwarded donor to donor), in
-    alternating rounds over the same swarm, so that both see the same machine load."""
+    """Both ways of passing a step along (relayed by the client, forwarded donor to donor) and the
+    bare relays' floor, in alternating rounds, so that all three see the same machine load."""
     from shards.checkpoint import Checkpoint
 
     num_layers = Checkpoint(model_dir).load_config().num_hidden_layers
@@ -88,17 +112,24 @@ def measure(model_dir: str, donors: int, steps: int, threads: int, trace: bool =
         try:
             sessions = {mode: open_session(model, steps, mode == "forwarded", trace) for mode in modes}
             hidden = model.edges.embed(torch.tensor([[7]]))
-            samples = {mode: {"totals": [], "added": [], "segments": []} for mode in modes}
-            for _ in range(rounds):
-                for mode in modes:
-                    time_steps(sessions[mode], hidden, max(1, steps // rounds), samples[mode])
+            samples = {mode: {"totals": [], "added": [], "segments": []} for mode in [*modes, "floor"]}
+            per_round = max(1, steps // rounds)
+            time_steps(sessions[modes[-1]], hidden, per_round, samples[modes[-1]])  # warm-up, and the compute time
+            compute = statistics.median(t - a for t, a in zip(samples[modes[-1]]["totals"], samples[modes[-1]]["added"]))
+            samples[modes[-1]] = {"totals": [], "added": [], "segments": []}
+            with BareChain(donors, work_seconds=compute / donors) as chain:
+                payload = bytes(hidden.numel() * hidden.element_size() + FRAME_OVERHEAD)
+                for _ in range(rounds):
+                    for mode in modes:
+                        time_steps(sessions[mode], hidden, per_round, samples[mode])
+                    time_floor(chain, payload, per_round, samples["floor"])
             for mode in modes:
                 if sessions[mode].forwarding != (mode == "forwarded"):
                     raise RuntimeError(f"the {mode} session fell back to relaying: the numbers would be mislabelled")
                 sessions[mode].close()
         finally:
             model.close()
-    return [summarize(donors, mode, samples[mode]) for mode in modes]
+    return [summarize(donors, mode, samples[mode]) for mode in [*modes, "floor"]]
 
 
 def summarize(donors: int, mode: str, samples: dict) -> dict:
@@ -140,16 +171,21 @@ def main(argv=None) -> int:
     command = command_line(argv, "benchmarks.hop_latency")
     print(f"\ncommand: {command}\nthreads: torch {args.threads} per process; model: {args.model or 'tiny random llama, 8 layers'}")
     print(f"{'donors':>6} {'mode':>9} {'step ms':>8} {'added/hop ms: median':>21} {'p90':>6} {'quietest 50':>11} "
-          f"{'forwarded/relayed':>17}")
-    relayed = {r["donors"]: r for r in results if r["mode"] == "relayed"}
+          f"{'forwarded/relayed':>17} {'mesh - floor':>12}")
+    by_mode = {(r["donors"], r["mode"]): r for r in results}
     for r in results:
-        ratio = r["added_per_hop_ms"] / relayed[r["donors"]]["added_per_hop_ms"] if r["mode"] == "forwarded" else None
+        ratio = (r["added_per_hop_ms"] / by_mode[r["donors"], "relayed"]["added_per_hop_ms"]
+                 if r["mode"] == "forwarded" else None)
+        over_floor = (r["added_per_hop_ms"] - by_mode[r["donors"], "floor"]["added_per_hop_ms"]
+                      if r["mode"] != "floor" else None)
         print(f"{r['donors']:>6} {r['mode']:>9} {r['step_ms']:>8.3f} {r['added_per_hop_ms']:>21.3f} "
               f"{r['added_per_hop_p90_ms']:>6.3f} {r['added_per_hop_best_block_ms']:>11.3f} "
-              f"{'' if ratio is None else f'{ratio:.2f}':>17}")
-        r["forwarded_over_relayed"] = ratio
+              f"{'' if ratio is None else f'{ratio:.2f}':>17} {'' if over_floor is None else f'{over_floor:.3f}':>12}")
+        r["forwarded_over_relayed"], r["over_floor_ms"] = ratio, over_floor
+    print("floor: bare processes in the same chain, busy as long as the donors compute, passing the bytes only")
     if args.trace:
-        print(f"\nwhere the added time goes, median us per step ({'; '.join(SEGMENTS[1:3])}: averaged over the chain)")
+        print(f"\nwhere the added time goes, median us per step ({'; '.join(SEGMENTS[1:3])}: averaged over the chain;"
+              f" the floor's relays stand for the donors)")
         print(f"{'donors':>6} {'mode':>9} " + " ".join(f"{name:>26}" for name in SEGMENTS))
         for r in results:
             cells = [r["segments_us"].get(name) for name in SEGMENTS]

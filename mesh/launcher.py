@@ -1,6 +1,6 @@
 """Start `mesh` processes on this machine and stop them again: for tests, benchmarks and `mesh up`.
 
-Each process is a `python -m mesh.cli ...` child; its output is read by a thread so it never blocks
+Each process is a `python -m mesh.cli ...` child (or another module's, for benchmarks); its output is read by a thread so it never blocks
 on a full pipe, and lines are kept for waiting on readiness markers and for error reports. Every
 process is stopped by its own PID (SIGTERM, then SIGKILL after a grace period).
 """
@@ -23,13 +23,13 @@ class LaunchError(RuntimeError):
 
 
 class ManagedProcess:
-    def __init__(self, name: str, args: list[str], env: dict | None = None):
+    def __init__(self, name: str, args: list[str], env: dict | None = None, module: str = "mesh.cli"):
         self.name = name
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(
-            [sys.executable, "-u", "-m", "mesh.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, "-u", "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}, start_new_session=True)
         self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
         self._reader.start()

@@ -23,11 +23,17 @@ def run_benchmark(script: str, *args: str, tmp_path) -> dict:
 def test_hop_latency_benchmark(tmp_path):
     result = run_benchmark("hop_latency", "--steps", "20", "--donors", "1,2", "--trace", tmp_path=tmp_path)
     rows = result["results"]
-    assert [(r["donors"], r["mode"]) for r in rows] == [(1, "relayed"), (2, "relayed"), (2, "forwarded")]
+    assert [(r["donors"], r["mode"]) for r in rows] == [(1, "relayed"), (1, "floor"), (2, "relayed"),
+                                                         (2, "forwarded"), (2, "floor")]
     assert all(r["step_ms"] > 0 and r["added_per_hop_ms"] > 0 for r in rows)
-    assert rows[2]["forwarded_over_relayed"] > 0
-    # where the time goes: every segment the donors time-stamped (no donor-to-donor gap with one donor)
-    assert len(rows[0]["segments_us"]) == 3 and len(rows[2]["segments_us"]) == 4
+    assert rows[3]["forwarded_over_relayed"] > 0
+    # the floor: bare relays busy as long as the donors compute, so their steps take longer than what they add
+    floors = [r for r in rows if r["mode"] == "floor"]
+    assert all(r["step_ms"] > r["added_per_hop_ms"] * r["hops"] for r in floors)
+    assert all(r["over_floor_ms"] == r["added_per_hop_ms"] - next(f for f in floors if f["donors"] == r["donors"])["added_per_hop_ms"]
+               for r in rows if r["mode"] != "floor")
+    # where the time goes: every segment time-stamped (no gap between donors with one donor)
+    assert len(rows[0]["segments_us"]) == 3 and len(rows[3]["segments_us"]) == 4 and len(rows[4]["segments_us"]) == 4
     assert all(value > 0 for r in rows for value in r["segments_us"].values())
 
 
