@@ -7,6 +7,7 @@ Map:
   transport.py    round trip and bandwidth of the data plane beside hivemind's libp2p streams
   generate.py     transformers generate vs the project's shards vs the mesh (decode, TTFT, prefill)
   concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway
+  gpu.py          on a GPU: transformers generate vs the mesh, 8B-class model, bf16 and nf4
   memory.py       a serving donor's peak resident memory against weights plus cache budget
   cold_path.py    the data plane's per-message operations, warm and right after compute or a pause
 Results, machines and command lines: RESULTS.md.

@@ -48,13 +48,22 @@ def rates(start: float, stamps: list[float], prompt_tokens: int) -> dict:
 class TransformersRun:
     """(a) transformers `generate`, greedy, with a streamer that stamps each new token."""
 
-    def __init__(self, path: str, new_tokens: int):
+    def __init__(self, path: str, new_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 quantization_config=None):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        placement = {"device_map": device} if quantization_config is not None else {}
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization_config,
+                                                          **placement).eval()
+        if quantization_config is None:
+            self.model.to(device)
+        self.device = device
         self.model.generation_config.eos_token_id = None
         self.config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        self.model.generate(torch.tensor([PROMPT]), generation_config=self.config)  # warm-up
+        self.model.generate(self.prompt(), generation_config=self.config)  # warm-up
+
+    def prompt(self) -> torch.Tensor:
+        return torch.tensor([PROMPT], device=self.device)
 
     def __call__(self) -> dict:
         from transformers.generation.streamers import BaseStreamer
@@ -66,6 +75,7 @@ class TransformersRun:
             def put(self, value):
                 self.calls += 1
                 if self.calls > 1:  # the first call carries the prompt
+                    value.tolist()  # on a GPU: wait until the token exists
                     self.stamps.append(time.perf_counter())
 
             def end(self):
@@ -73,8 +83,17 @@ class TransformersRun:
 
         streamer = Stamps()
         start = time.perf_counter()
-        self.model.generate(torch.tensor([PROMPT]), generation_config=self.config, streamer=streamer)
+        self.model.generate(self.prompt(), generation_config=self.config, streamer=streamer)
         return rates(start, streamer.stamps, len(PROMPT))
+
+    def close(self) -> None:
+        """Free the model's memory (on a GPU, before the mesh's donors load the same weights)."""
+        import gc
+
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class ShardsRun:
@@ -102,9 +121,12 @@ class ShardsRun:
 class MeshRun:
     """(c) the mesh: a bootstrap node and `donors` donors on loopback, this process as the client."""
 
-    def __init__(self, path: str, donors: int, new_tokens: int, threads: int, env: dict | None = None):
+    def __init__(self, path: str, donors: int, new_tokens: int, threads: int, env: dict | None = None,
+                 donor_args: tuple[str, ...] = (), client_options: dict | None = None):
+        """`donor_args`: more `mesh serve` options (device, dtype, quant); `client_options`: more
+        MeshModel.from_pretrained arguments (device, dtype)."""
         self.path, self.donors, self.new_tokens, self.threads = path, donors, new_tokens, threads
-        self.env = env
+        self.env, self.donor_args, self.client_options = env, donor_args, client_options or {}
 
     def __enter__(self) -> "MeshRun":
         from client import MeshModel
@@ -117,8 +139,9 @@ class MeshRun:
         try:
             self.swarm.start_dht()
             self.swarm.start_donors(self.path, even_splits(layers, self.donors), "--torch-threads", str(self.threads),
-                                    "--announce-interval", "5", env=self.env)
-            self.model = MeshModel.from_pretrained(self.path, initial_peers=self.swarm.initial_peers)
+                                    "--announce-interval", "5", *self.donor_args, env=self.env)
+            self.model = MeshModel.from_pretrained(self.path, initial_peers=self.swarm.initial_peers,
+                                                   **self.client_options)
             self.model.generate(PROMPT, max_new_tokens=4, stop_tokens=[])  # warm-up (connections, caches)
         except BaseException:
             self.swarm.__exit__(None, None, None)

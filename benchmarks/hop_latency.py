@@ -46,6 +46,7 @@ from shards.loading import even_splits
 
 # A step's frame beyond its tensor bytes: the 18-byte prefix and a JSON header of about this size.
 FRAME_OVERHEAD = 200
+WARM_UP_STEPS = 20  # sessions are opened for the timed steps, a 16-token prompt and these (open_session)
 SEGMENTS = ("client to first donor", "in a donor, not computing", "donor to next donor", "last donor to client")
 
 
@@ -114,7 +115,7 @@ def measure(model_dir: str, donors: int, steps: int, threads: int, trace: bool =
             hidden = model.edges.embed(torch.tensor([[7]]))
             samples = {mode: {"totals": [], "added": [], "segments": []} for mode in [*modes, "floor"]}
             per_round = max(1, steps // rounds)
-            time_steps(sessions[modes[-1]], hidden, per_round, samples[modes[-1]])  # warm-up, and the compute time
+            time_steps(sessions[modes[-1]], hidden, WARM_UP_STEPS, samples[modes[-1]])  # also gives the compute time
             compute = statistics.median(t - a for t, a in zip(samples[modes[-1]]["totals"], samples[modes[-1]]["added"]))
             samples[modes[-1]] = {"totals": [], "added": [], "segments": []}
             with BareChain(donors, work_seconds=compute / donors) as chain:

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,3 +73,28 @@ def test_cold_path_benchmark(tmp_path):
     rows = run_benchmark("cold_path", "--repeats", "20", "--pause-ms", "0.5", tmp_path=tmp_path)["results"]
     assert {r["operation"] for r in rows} >= {"header: orjson.loads", "payload -> StepBuffer.load (copy)"}
     assert all(r["warm_us"] > 0 and r["cold_us"] > 0 for r in rows)
+
+
+def test_gpu_benchmark_runs_its_code_on_cpu(tmp_path):
+    """The gpu benchmark's code, on a tiny model on the CPU (its GPU figures are in RESULTS.md)."""
+    result = run_benchmark("gpu", "--size", "tiny", "--device", "cpu", "--new-tokens", "6", "--rounds", "1",
+                           "--model-dir", str(tmp_path / "model"), tmp_path=tmp_path)
+    rows = result["results"]
+    assert [(r["quant"], r["way"]) for r in rows] == [("none", "transformers generate (eager)"),
+                                                      ("none", "mesh, 2 donors")]
+    assert rows[0]["vs_local"] == 1.0 and rows[1]["vs_local"] > 0
+    # weights read per token: every bf16 parameter but the input embedding (the tiny model's head is its own)
+    from benchmarks.gpu import SIZES
+    s = SIZES["tiny"]
+    d, i, v, layers = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_hidden_layers"]
+    kv = d // s["num_attention_heads"] * s["num_key_value_heads"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * i + 2 * d
+    assert rows[0]["weight_bytes_per_token"] == 2 * (layers * per_layer + d + v * d)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark would run")
+def test_gpu_benchmark_without_a_gpu_says_so():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--size", "tiny"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0
+    assert "no CUDA or ROCm device here" in out.stdout
