@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 
+# Tokens decoded again before the new ones: how a token reads can depend on the ones before it
+# (a word-start marker, a space the tokenizer's clean-up removes before punctuation).
+DECODE_CONTEXT = 4
+
+
 class TextStream:
     """Turns a growing list of token ids into text deltas, holding back what a stop sequence or an
-    unfinished UTF-8 character might still change."""
+    unfinished UTF-8 character might still change.
+
+    Each new token decodes only itself and a few tokens before it, not the whole answer again (that
+    grew quadratically with the answer's length); `finish` decodes everything once, so the final
+    text is exactly the tokenizer's."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer = tokenizer
@@ -14,14 +23,15 @@ class TextStream:
         self.emitted = 0  # characters of `text` already handed out
         self.text = ""
         self.stopped = False
+        self._settled = 0  # ids[:_settled] decode to text that later tokens no longer change
 
     def push(self, token: int) -> str:
         """Add one token; return the new text that is safe to show (possibly empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode_new()
         if text.endswith("\ufffd"):
             return ""  # the rest of a multi-byte character is still to come
-        self.text = text
+        self.text, self._settled = text, len(self.ids)
         for stop in self.stops:
             found = text.find(stop, max(0, self.emitted - len(stop)))
             if found != -1:
@@ -31,10 +41,23 @@ class TextStream:
             return self._emit(len(text))
         return self._emit(len(text) - self._held_back(text))
 
+    def _decode_new(self) -> str:
+        """The whole text so far: the settled text, plus what the tokens after it add when decoded
+        with a few tokens of context before them."""
+        start = max(0, self._settled - DECODE_CONTEXT)
+        before = self._decode(self.ids[start:self._settled])
+        after = self._decode(self.ids[start:])
+        if not after.startswith(before):
+            return self._decode(self.ids)  # the new token changed how its context reads: decode it all
+        return self.text + after[len(before):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
     def finish(self) -> str:
         """The rest of the text once generation ended."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.text = self._decode(self.ids)
         return self._emit(len(self.text))
 
     def _held_back(self, text: str) -> int:
