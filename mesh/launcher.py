@@ -1,8 +1,9 @@
 """Start `mesh` processes on this machine and stop them again: for tests, benchmarks and `mesh up`.
 
-Each process is a `python -m mesh.cli ...` child (or another module's, for benchmarks); its output is read by a thread so it never blocks
-on a full pipe, and lines are kept for waiting on readiness markers and for error reports. Every
-process is stopped by its own PID (SIGTERM, then SIGKILL after a grace period).
+Each process is a `python -m mesh.cli ...` child (or another module's, for benchmarks); its output
+is read by a thread so it never blocks on a full pipe, and lines are kept for waiting on readiness
+markers and for error reports. Every process is stopped by its own PID (SIGTERM, then SIGKILL after
+a grace period).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from server.sessions import Session, SessionTable
 
 log = logging.getLogger("mesh.donor")
 
-MAX_CHAIN = 64  # hops a forwarded step may still name
+MAX_CHAIN = 64  # hops a forwarded step may still name (and the per-hop lists it carries)
 LINK_CONNECT_TIMEOUT = 5.0  # seconds to reach the next donor before the client is told it failed
 
 

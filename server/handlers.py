@@ -15,7 +15,7 @@ import torch
 from mesh.protocol import Message, ProtocolError, WireTensor, error_header
 from mesh.transport import Responder
 from server.compute import BatchingExecutor
-from server.forwarding import Forwarder, parse_forward, tell_owner
+from server.forwarding import MAX_CHAIN, Forwarder, parse_forward, tell_owner
 from server.sessions import Session, SessionTable
 from shards.errors import CacheOverflowError
 from shards.shard import Shard
@@ -109,8 +109,8 @@ class DonorHandlers:
         if forward is None and tag is None:
             return _reply_with_result(respond, trace)
         compute_ms = header.get("compute_ms", []) if tag is not None else []
-        if not isinstance(compute_ms, list) or len(compute_ms) > 64:
-            raise ProtocolError("bad_request", "'compute_ms' must be a list of at most 64 numbers")
+        if not isinstance(compute_ms, list) or len(compute_ms) > MAX_CHAIN:
+            raise ProtocolError("bad_request", f"'compute_ms' must be a list of at most {MAX_CHAIN} numbers")
         return self._deliver_forwarded(session, header.get("id") if tag is None else tag, compute_ms, forward, trace)
 
     def _deliver_forwarded(self, session: Session, tag, compute_ms: list, forward: list[dict] | None,
@@ -187,8 +187,8 @@ def _trace_so_far(header: dict) -> list | None:
     trace = header.get("trace")
     if trace is None or trace is False:
         return None
-    if trace is not True and not (isinstance(trace, list) and len(trace) <= 64):
-        raise ProtocolError("bad_request", "'trace' must be true or a list of at most 64 timestamp pairs")
+    if trace is not True and not (isinstance(trace, list) and len(trace) <= MAX_CHAIN):
+        raise ProtocolError("bad_request", f"'trace' must be true or a list of at most {MAX_CHAIN} timestamp pairs")
     return [*([] if trace is True else trace), [time.perf_counter()]]
 
 
