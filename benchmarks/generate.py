@@ -52,11 +52,9 @@ class TransformersRun:
                  quantization_config=None):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        placement = {"device_map": device} if quantization_config is not None else {}
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization_config,
-                                                          **placement).eval()
-        if quantization_config is None:
-            self.model.to(device)
+        # Loaded straight onto the device: an 8B model never passes through this process's memory.
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device,
+                                                          quantization_config=quantization_config).eval()
         self.device = device
         self.model.generation_config.eos_token_id = None
         self.config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

@@ -48,16 +48,17 @@ WEIGHT_STD = 0.02
 def write_random_checkpoint(size: str, directory: Path, dtype: torch.dtype, device: str, seed: int = 0) -> Path:
     """A random Llama of `size` in `dtype`, written tensor by tensor (an 8B model never exists whole in
     memory): config.json, safetensors files and their index, as a hub checkpoint has them. Reused
-    when `directory` already holds one of this size."""
+    when `directory` already holds one of this size, dtype and seed."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from shards.random_model import random_config
 
-    config = random_config("llama", **SIZES[size], dtype=str(dtype).removeprefix("torch."))
-    marker = directory / "random-size.txt"
-    if marker.exists() and marker.read_text() == size:
+    dtype_name = str(dtype).removeprefix("torch.")
+    marker, written = directory / "random-checkpoint.txt", f"{size} {dtype_name} seed {seed}"
+    if marker.exists() and marker.read_text() == written:
         return directory
+    config = random_config("llama", **SIZES[size], dtype=dtype_name)
     directory.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -74,7 +75,7 @@ def write_random_checkpoint(size: str, directory: Path, dtype: torch.dtype, devi
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(directory)
-    marker.write_text(size)
+    marker.write_text(written)
     return directory
 
 
@@ -125,18 +126,19 @@ def weight_bytes_per_token(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
 
 
-def quantization_config(quant: str):
+def quantization_config(quant: str, compute_dtype: torch.dtype):
     if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
 def measure(path: str, quant: str, device: str, dtype: torch.dtype, new_tokens: int, rounds: int,
             bandwidth: float) -> list[dict]:
     """Local rounds first, then the mesh's (module docstring: they do not share the GPU)."""
-    local = TransformersRun(path, new_tokens, device=device, dtype=dtype, quantization_config=quantization_config(quant))
+    local = TransformersRun(path, new_tokens, device=device, dtype=dtype,
+                            quantization_config=quantization_config(quant, dtype))
     weight_bytes = weight_bytes_per_token(local.model)
     local_runs = [local() for _ in range(rounds)]
     local.close()
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     if args.device == "cpu" and args.size != "tiny":
         parser.error("--device cpu is for --size tiny only (it checks the script, not a GPU)")
     quants = (args.quant or default_quants(args.device)).split(",")
+    if not set(quants) <= {"none", "nf4"}:
+        parser.error(f"--quant takes none and nf4, not {args.quant!r}")
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.model_dir or Path(tmp) / f"{args.size}-llama")
