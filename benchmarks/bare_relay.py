@@ -8,8 +8,13 @@ the frame to the next, and the last one answers the client. Relays are bare asyn
 standard library only); each appends (received, sent, worked) perf_counter stamps to the frame, so
 the floor splits into the same segments as the mesh's trace.
 
-A relay, on its own: python -m benchmarks.bare_relay --next HOST:PORT --work-us N
-(it listens on a free port of 127.0.0.1 and prints "relay listening on PORT").
+The floor on its own, for chains of 1, 2 and 4 relays:
+
+    python -m benchmarks.bare_relay [--hops 1,2,4] [--work-us 2500] [--steps 300]
+
+prints the added latency per hop and the median crossing from one process to the next. One relay
+(what the chain starts): python -m benchmarks.bare_relay --next HOST:PORT --work-us N; it listens
+on a free port of 127.0.0.1 and prints "relay listening on PORT".
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import statistics
 import struct
 import sys
 import time
 
+from benchmarks.report import command_line, save
 from mesh.launcher import ManagedProcess
 
 LENGTH = struct.Struct("<I")
@@ -131,15 +138,45 @@ class BareChain:
                 sock.close()
 
 
+def measure_chain(hops: int, work_seconds: float, steps: int, payload_bytes: int) -> dict:
+    """The floor on its own: per hop, the median of (round trip - busy waits) / hops, and the median
+    of a crossing from one process to the next (hops + 1 of them per step)."""
+    payload, added, crossings = bytes(payload_bytes), [], []
+    with BareChain(hops, work_seconds) as chain:
+        for index in range(steps + 20):
+            started, finished, stamps = chain.step(payload)
+            if index < 20:
+                continue  # warm-up
+            added.append((finished - started - sum(worked for _, _, worked in stamps)) / hops)
+            gaps = [stamps[i + 1][0] - stamps[i][1] for i in range(hops - 1)]
+            crossings.append((stamps[0][0] - started + sum(gaps) + finished - stamps[-1][1]) / (hops + 1))
+    return {"hops": hops, "work_us": work_seconds * 1e6, "added_per_hop_ms": statistics.median(added) * 1000,
+            "crossing_us": statistics.median(crossings) * 1e6}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--next", required=True, help="HOST:PORT of the next relay (or of the client)")
+    parser.add_argument("--next", help="run one relay that hands frames to HOST:PORT (the next relay or the "
+                                       "client); without it, time a whole chain from this process")
     parser.add_argument("--work-us", type=int, default=0, help="microseconds of busy work per frame")
+    parser.add_argument("--hops", default="1,2,4", help="chain: comma-separated relay counts")
+    parser.add_argument("--steps", type=int, default=300, help="chain: frames timed per relay count")
+    parser.add_argument("--bytes", type=int, default=456, help="chain: frame size (a decode step of hidden 64)")
+    parser.add_argument("--json", help="chain: write the results here")
     args = parser.parse_args(argv)
-    try:
-        asyncio.run(serve_relay(args.next, args.work_us / 1e6))
-    except KeyboardInterrupt:
-        pass
+    if args.next:
+        try:
+            asyncio.run(serve_relay(args.next, args.work_us / 1e6))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    rows = [measure_chain(int(k), args.work_us / 1e6, args.steps, args.bytes) for k in args.hops.split(",")]
+    command = command_line(argv, "benchmarks.bare_relay")
+    print(f"\ncommand: {command}")
+    print(f"{'relays':>6} {'busy us':>8} {'added/hop ms':>13} {'crossing us':>12}")
+    for row in rows:
+        print(f"{row['hops']:>6} {row['work_us']:>8.0f} {row['added_per_hop_ms']:>13.3f} {row['crossing_us']:>12.1f}")
+    save(args.json, command, rows)
     return 0
 
 

@@ -70,6 +70,15 @@ def time_steps(session: RemoteSession, hidden: torch.Tensor, steps: int, samples
             samples["segments"].append(segments(session, started, finished))
 
 
+def warm_up(session: RemoteSession, hidden: torch.Tensor, steps: int) -> float:
+    """Untimed steps; the median of the donors' compute time per step (all hops together)."""
+    compute = []
+    for _ in range(steps):
+        session.step(hidden)
+        compute.append(sum(span.last_compute_seconds for span in session.spans))
+    return statistics.median(compute)
+
+
 def time_floor(chain: BareChain, payload: bytes, steps: int, samples: dict) -> None:
     """The same steps through the bare relays: everything but the relays' busy waits is added."""
     for _ in range(steps):
@@ -115,9 +124,7 @@ def measure(model_dir: str, donors: int, steps: int, threads: int, trace: bool =
             hidden = model.edges.embed(torch.tensor([[7]]))
             samples = {mode: {"totals": [], "added": [], "segments": []} for mode in [*modes, "floor"]}
             per_round = max(1, steps // rounds)
-            time_steps(sessions[modes[-1]], hidden, WARM_UP_STEPS, samples[modes[-1]])  # also gives the compute time
-            compute = statistics.median(t - a for t, a in zip(samples[modes[-1]]["totals"], samples[modes[-1]]["added"]))
-            samples[modes[-1]] = {"totals": [], "added": [], "segments": []}
+            compute = warm_up(sessions[modes[-1]], hidden, WARM_UP_STEPS)
             with BareChain(donors, work_seconds=compute / donors) as chain:
                 payload = bytes(hidden.numel() * hidden.element_size() + FRAME_OVERHEAD)
                 for _ in range(rounds):

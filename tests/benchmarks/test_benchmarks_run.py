@@ -40,6 +40,14 @@ def test_hop_latency_benchmark(tmp_path):
     assert all(value > 0 for r in rows for value in r["segments_us"].values())
 
 
+def test_bare_relay_floor_on_its_own(tmp_path):
+    result = run_benchmark("bare_relay", "--hops", "1,2", "--steps", "20", "--work-us", "300", tmp_path=tmp_path)
+    rows = result["results"]
+    assert [r["hops"] for r in rows] == [1, 2] and all(r["work_us"] == 300 for r in rows)
+    # a crossing is one of hops + 1 per step, so the added time per hop is at least one crossing's worth
+    assert all(r["crossing_us"] > 0 and r["added_per_hop_ms"] * 1000 >= r["crossing_us"] for r in rows)
+
+
 def test_transport_benchmark(tmp_path):
     result = run_benchmark("transport", "--sizes", "8192,1048576", "--seconds", "0.2", tmp_path=tmp_path)
     rows = {r["bytes"]: r for r in result["results"]}
