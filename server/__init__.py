@@ -8,4 +8,5 @@ Map:
   compute.py     BatchingExecutor: runs the shard, one-token steps of concurrent sessions batched
   sessions.py    per-session KV caches reserved against a byte budget, idle expiry, step buffers
   throughput.py  the tokens/s a donor announces
+  host_memory.py freed large buffers go back to the system (glibc's mmap threshold)
 """

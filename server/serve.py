@@ -16,6 +16,7 @@ from mesh.records import model_id_for
 from mesh.transport import install_fast_event_loop
 from server.donor import Donor, DonorSettings, Heartbeat, ready_line
 from server.handlers import process_memory
+from server.host_memory import return_large_buffers_to_the_system
 from server.throughput import measure_throughput
 from shards.checkpoint import Checkpoint
 from shards.device import DeviceInfo, choose_dtype, detect_device
@@ -89,6 +90,7 @@ def cache_budget(opts: ServeOptions, shard, info: DeviceInfo) -> int:
 
 
 def serve(opts: ServeOptions) -> int:
+    return_large_buffers_to_the_system()
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
     ckpt = open_checkpoint(opts.model, opts.revision)
