@@ -6,7 +6,7 @@ sessions that each prefill their whole reservation, then reads the donor's own a
 (`info`: weights, budget, baseline and peak RSS from /proc). Target (issue 6): peak - baseline <=
 1.2 x (weights + cache budget).
 
-Usage: python -m benchmarks.memory [--size tiny|mid] [--cache-tokens 2048] [--json FILE]
+Usage: python -m benchmarks.memory [--size tiny|mid] [--cache-tokens 2048] [--sessions 4] [--json FILE]
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import torch
 from benchmarks.generate import SIZES, save_size_model
 from benchmarks.report import command_line, save
 
-SESSIONS = 4
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--cache-tokens", type=int, default=2048, help="the donor's cache budget, in tokens")
+    parser.add_argument("--sessions", type=int, default=4,
+                        help="sessions sharing the budget; each prefills its share in one request")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -41,8 +40,8 @@ def main(argv=None) -> int:
                                max_position_embeddings=max(4096, args.cache_tokens))
         swarm.start_dht()
         [donor] = swarm.start_donors(path, [layers], "--torch-threads", "2", "--cache-tokens", str(args.cache_tokens))
-        connections = [Connection.open("127.0.0.1", donor.port) for _ in range(SESSIONS)]
-        per_session = args.cache_tokens // SESSIONS
+        connections = [Connection.open("127.0.0.1", donor.port) for _ in range(args.sessions)]
+        per_session = args.cache_tokens // args.sessions
         end = size["num_hidden_layers"] // 2
         for connection in connections:  # reserve the whole budget, and write every reserved token
             session = connection.request({"type": "open", "start": 0, "end": end, "max_length": per_session},
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     command = command_line(argv, "benchmarks.memory")
     mib = 2**20
     print(f"\ncommand: {command}\nmodel: {args.size} random llama, donor layers {layers}, fp32, "
-          f"{SESSIONS} sessions filling a {args.cache_tokens}-token budget")
+          f"{args.sessions} session(s) filling a {args.cache_tokens}-token budget")
     print(f"{'weights MiB':>12} {'cache MiB':>10} {'baseline MiB':>13} {'peak MiB':>9} {'peak-baseline MiB':>18} "
           f"{'÷ (weights+cache)':>18}")
     print(f"{info['weight_bytes'] / mib:>12.1f} {info['cache_budget_bytes'] / mib:>10.1f} "

@@ -14,6 +14,13 @@ from shards.layers import DecoderBlock
 from shards.rotary import RotaryEmbedding
 
 
+# A long prompt runs through a session's cache in pieces of at most this many tokens: its working
+# memory (the MLP's [T, intermediate] activations, attention scores where the math kernel runs)
+# then stays that of a 512-token prompt however long the prompt is, while pieces this long still
+# keep the matrix multiplications efficient.
+PREFILL_CHUNK_TOKENS = 512
+
+
 class Shard(nn.Module):
     """Runs hidden states through layers [start, end); holds no embeddings or head."""
 
@@ -29,6 +36,7 @@ class Shard(nn.Module):
         self.dtype = dtype  # compute dtype of activations and KV cache
         self.device_info = device_info or detect_device("cpu")
         self.quantization = quantization
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +70,8 @@ class Shard(nn.Module):
 
         Without caches: B independent sequences at positions 0..T-1 (a whole-sequence pass).
         With caches: one cache per row; row b continues its session at position caches[b].length,
-        so a decode step of sessions with different lengths runs as one batch.
+        so a decode step of sessions with different lengths runs as one batch. More tokens than
+        `prefill_chunk_tokens` go through in pieces of that size, each extending the caches.
         `layers` runs only a sub-range [start, end) of this shard (caches made for that sub-range).
         """
         start, end = layers or (self.start, self.end)
@@ -78,6 +87,8 @@ class Shard(nn.Module):
                 if cache.spec.num_layers != len(blocks):
                     raise ValueError(f"a cache for {cache.spec.num_layers} layers cannot serve layers [{start}, {end})")
                 cache.check_room(tokens)
+            if tokens > self.prefill_chunk_tokens:
+                return self._in_chunks(hidden, caches, (start, end))
             offsets = torch.tensor([c.length for c in caches], device=hidden.device)
             positions = offsets[:, None] + torch.arange(tokens, device=hidden.device)
         hidden = hidden.to(self.dtype)
@@ -87,3 +98,17 @@ class Shard(nn.Module):
         for cache in caches or ():
             cache.advance(tokens)  # only after every layer succeeded
         return hidden
+
+    def _in_chunks(self, hidden: torch.Tensor, caches: list[KVCache], layers: tuple[int, int]) -> torch.Tensor:
+        """forward() a piece of the sequence at a time; on failure the caches are as they were."""
+        lengths = [cache.length for cache in caches]
+        step = self.prefill_chunk_tokens
+        output = torch.empty(hidden.shape, dtype=self.dtype, device=hidden.device)
+        try:
+            for begin in range(0, hidden.shape[1], step):
+                output[:, begin:begin + step] = self.forward(hidden[:, begin:begin + step], caches, layers)
+        except BaseException:
+            for cache, length in zip(caches, lengths):
+                cache.truncate(length)
+            raise
+        return output

@@ -74,3 +74,40 @@ def test_batched_greedy_sessions_match_their_own_runs(model_dir):
             out.append(token)
         last = pipe.step(sessions, torch.tensor([[t] for t in tokens]))
     assert together == alone
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_a_long_prompt_in_chunks_equals_it_in_one_piece(model_dir, model_type):
+    path = model_dir(model_type)  # mistral: a sliding window shorter than the chunks
+    shard = load_shard(path, "0:4", device="cpu")
+    prompt = load_edges(path).embed(random_prompt(23, seed=5))
+    whole, pieces = shard.new_cache(40), shard.new_cache(40)
+    expected = shard(prompt, [whole])
+    shard.prefill_chunk_tokens = 5  # 23 tokens: four pieces of 5 and one of 3
+    got = shard(prompt, [pieces])
+
+    torch.testing.assert_close(got, expected, **FP32_TOLERANCE)
+    assert pieces.length == whole.length == 23
+    torch.testing.assert_close(pieces.keys[:, :, :23], whole.keys[:, :, :23], **FP32_TOLERANCE)
+    step = load_edges(path).embed(torch.tensor([[42]]))  # and the sessions go on alike
+    torch.testing.assert_close(shard(step, [pieces]), shard(step, [whole]), **FP32_TOLERANCE)
+
+
+def test_a_chunked_prompt_that_fails_midway_leaves_the_session_as_it_was(model_dir, monkeypatch):
+    shard = load_shard(model_dir("llama"), "0:2", device="cpu")
+    cache = shard.new_cache(32)
+    shard(torch.randn(1, 4, shard.config.hidden_size), [cache])
+    shard.prefill_chunk_tokens = 4
+    block = shard.blocks[1]
+    calls = []
+
+    def fails_on_the_third_piece(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return type(block).forward(block, *args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", fails_on_the_third_piece)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        shard(torch.randn(1, 12, shard.config.hidden_size), [cache])
+    assert len(calls) == 3 and cache.length == 4  # two pieces had gone through: rolled back
