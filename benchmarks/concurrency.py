@@ -110,18 +110,18 @@ def gateway_run(base_url: str, served: str, sessions: int, new_tokens: int) -> d
     return asyncio.run(run())
 
 
-def shard_alone(path: str, counts: list[int], threads: int, context: int) -> dict[int, float]:
+def shard_alone(path: str, counts: list[int], threads: int, context: int, dtype: str) -> dict[int, float]:
     """Decode tokens/s of the shard itself, one batched step over n sessions: the ceiling for the mesh."""
     from shards import load_shard
 
     torch.set_num_threads(threads)
-    shard = load_shard(path)
+    shard = load_shard(path, device="cpu", dtype=dtype)
     rates = {}
     for n in counts:
         caches = [shard.new_cache(context + 16) for _ in range(n)]
         for cache in caches:
-            shard(torch.randn(1, context, shard.config.hidden_size), [cache])
-        step = torch.randn(n, 1, shard.config.hidden_size)
+            shard(torch.randn(1, context, shard.config.hidden_size, dtype=shard.dtype), [cache])
+        step = torch.randn(n, 1, shard.config.hidden_size, dtype=shard.dtype)
         shard(step, caches)  # warm-up
         started = time.perf_counter()
         for _ in range(5):
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sessions", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the donor")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the donor's compute dtype (bfloat16 batches far better on CPUs with AMX)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -162,8 +164,9 @@ def main(argv=None) -> int:
         path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama", vocab_size=len(tokenizer))
         tokenizer.save_pretrained(path)
         swarm.start_dht()
+        cache_tokens = max(counts) * (PROMPT_TOKENS + args.new_tokens) * 2
         [donor] = swarm.start_donors(path, [f"0:{SIZES[args.size]['num_hidden_layers']}"], "--torch-threads",
-                                     str(args.threads), "--cache-tokens", str(max(counts) * (PROMPT_TOKENS + args.new_tokens) * 2))
+                                     str(args.threads), "--dtype", args.dtype, "--cache-tokens", str(cache_tokens))
         with MeshModel.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
             model.generate([1, 2, 3], max_new_tokens=2)  # warm-up
             for n in counts:
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
             before = donor_batches(donor.port)
             rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
                          "batches": _diff(donor_batches(donor.port), before)})
-        alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS)  # the swarm is idle by now
+        alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS, args.dtype)  # the swarm is idle by now
     rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "steady_tokens_per_s": rate,
               "per_session_tokens_per_s": rate / n,
               "p50_inter_token_ms": 1000 * n / rate, "p99_inter_token_ms": 1000 * n / rate, "batches": {str(n): 5}}
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
         steady = row["steady_tokens_per_s"]
         row["steady_vs_single"] = None if steady is None else steady / single["aggregate_tokens_per_s"]
     command = command_line(argv, "benchmarks.concurrency")
-    print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
+    print(f"\ncommand: {command}\nmodel: {args.size} random llama in {args.dtype}; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
           f"per session; donor torch threads {args.threads}, client 1")
     print("aggregate: all decode tokens over the whole run; steady: while every session decodes (after the\n"
           "last prefill, before the first session ends); 'x single' divides by one session's aggregate rate;\n"
