@@ -9,6 +9,7 @@ Map:
   concurrency.py  1..64 concurrent sessions on one donor, via the Python client and the gateway
   gpu.py          on a GPU: transformers generate vs the mesh, 8B-class model, bf16 and nf4
   memory.py       a serving donor's peak resident memory against weights plus cache budget
+  long_prompt.py  how long a decoding session stalls while another session sends a long prompt
   cold_path.py    the data plane's per-message operations, warm and right after compute or a pause
 Results, machines and command lines: RESULTS.md.
 """

@@ -173,6 +173,9 @@ def _add_serve(subparsers) -> None:
     _option(parser, "--announce-interval", "MESH_ANNOUNCE_INTERVAL", "seconds between DHT heartbeats", 10.0,
             type=float)
     _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=int)
+    _option(parser, "--prefill-chunk-tokens", "MESH_PREFILL_CHUNK_TOKENS", "a longer prompt runs in pieces of "
+            "this many tokens, with other sessions' decode steps in between (bounds its working memory)", 512,
+            type=int)
     _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
             "when several processes run on one machine)", type=int)
     parser.set_defaults(run=_run_serve)
@@ -191,7 +194,11 @@ def _run_serve(args) -> int:
         revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant, host=args.host,
         port=args.port, public_address=args.public_address, dht_port=args.dht_port, cache_tokens=args.cache_tokens,
         cache_bytes=args.cache_bytes, idle_timeout=args.idle_timeout, announce_interval=args.announce_interval,
-        max_batch=args.max_batch, torch_threads=args.torch_threads)
+        max_batch=args.max_batch, prefill_chunk_tokens=args.prefill_chunk_tokens, torch_threads=args.torch_threads)
+    if options.prefill_chunk_tokens < 1:
+        print(f"mesh serve: --prefill-chunk-tokens must be at least 1, got {options.prefill_chunk_tokens}",
+              file=sys.stderr)
+        return 2
     try:
         return serve(options)
     except ShardError as err:

@@ -4,7 +4,9 @@ Handlers submit Jobs with a completion callback. A session that is the only acti
 once, inside `submit`. Otherwise its step waits, until the other active sessions' steps have
 queued too or for a short bounded time (see `submit`), and then one `flush` runs the queued
 one-token steps over the same layers as one batch (the shard's batched step) and everything else
-one by one, oldest request first, resolving each job's callback.
+one by one, oldest request first, resolving each job's callback. A prompt longer than the shard's
+`prefill_chunk_tokens` runs one piece per turn and goes back in the queue between pieces, so that
+decode steps of other sessions are not held up for the whole prompt.
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine (measured during development with a
@@ -36,10 +38,17 @@ class Job:
     layers: tuple[int, int]
     cache: KVCache | None
     done: Done
+    pieces: list[torch.Tensor] = field(default_factory=list)  # outputs of a long prompt's pieces so far
+    seconds: float = 0.0  # compute spent on those pieces
+    start_length: int = 0  # the cache's length before the first piece: where a failure rewinds it
 
     @property
     def batchable(self) -> bool:
         return self.cache is not None and self.hidden.shape[0] == 1 and self.hidden.shape[1] == 1
+
+    @property
+    def done_tokens(self) -> int:
+        return sum(piece.shape[1] for piece in self.pieces)
 
 
 @dataclass
@@ -142,7 +151,9 @@ class BatchingExecutor:
     def _plan(self, jobs: list[Job]) -> list[list[Job]]:
         """Groups to run, oldest request first: one-token steps over the same layers batched (up to
         max_batch), everything else alone. Oldest first, because a decode batch re-forms at every
-        flush: if it always went first, prefills queued behind it would wait forever under load."""
+        flush: if it always went first, prefills queued behind it would wait forever under load.
+        A prompt that already ran some of its pieces goes last: it runs one piece per flush, so it
+        still advances at every flush, and the steps queued with it do not wait for that piece."""
         batches: dict[tuple[int, int], list[tuple[int, Job]]] = defaultdict(list)
         planned: list[tuple[int, list[Job]]] = []
         for order, job in enumerate(jobs):  # `jobs` is in arrival order
@@ -154,10 +165,12 @@ class BatchingExecutor:
             for i in range(0, len(batch), self.max_batch):
                 chunk = batch[i:i + self.max_batch]
                 planned.append((chunk[0][0], [job for _, job in chunk]))
-        planned.sort(key=lambda item: item[0])
+        planned.sort(key=lambda item: (bool(item[1][0].pieces), item[0]))
         return [group for _, group in planned]
 
     def _execute(self, group: list[Job]) -> None:
+        if len(group) == 1 and self._in_pieces(group[0]):
+            return self._execute_piece(group[0])
         started = time.perf_counter()
         try:
             if len(group) == 1:
@@ -170,12 +183,48 @@ class BatchingExecutor:
             for job in group:
                 job.done(None, err, 0.0)
             return
-        elapsed = time.perf_counter() - started
-        self._last_compute = elapsed
+        elapsed = self._count(len(group), started)
         self.stats.jobs += len(group)
-        self.stats.batches += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(group))
-        self.stats.batch_sizes[len(group)] += 1
-        self.stats.compute_seconds += elapsed
         for job, output in zip(group, outputs):
             job.done(output, None, elapsed)
+
+    def _in_pieces(self, job: Job) -> bool:
+        return job.cache is not None and (bool(job.pieces) or job.hidden.shape[1] > self.shard.prefill_chunk_tokens)
+
+    def _execute_piece(self, job: Job) -> None:
+        """The next piece of a long prompt; the job goes back in the queue until its last piece ran."""
+        begin = job.done_tokens
+        started = time.perf_counter()
+        try:
+            if not job.pieces:
+                job.start_length = job.cache.length
+                job.cache.check_room(job.hidden.shape[1])  # the whole prompt, before any piece runs
+            piece = job.hidden[:, begin:begin + self.shard.prefill_chunk_tokens]
+            job.pieces.append(self.shard(piece, [job.cache], job.layers))
+        except Exception as err:
+            job.cache.truncate(job.start_length)  # all of the prompt or none of it
+            job.done(None, err, 0.0)
+            return
+        job.seconds += self._count(1, started)
+        if job.done_tokens < job.hidden.shape[1]:
+            self._pending.append(job)
+            # The next piece waits one loop turn, so that steps which came in while this one ran
+            # are read and queued first; planned behind them (_plan), they do not wait for it.
+            asyncio.get_running_loop().call_soon(self._resume)
+            return
+        self.stats.jobs += 1
+        job.done(torch.cat(job.pieces, dim=1), None, job.seconds)
+
+    def _resume(self) -> None:
+        if self._pending and not self._flush_scheduled:
+            self._flush_soon()
+
+    def _count(self, jobs: int, started: float) -> float:
+        """Record a forward over `jobs` requests that began at `started`; its seconds."""
+        elapsed = time.perf_counter() - started
+        self._last_compute = elapsed
+        self.stats.batches += 1
+        self.stats.max_batch = max(self.stats.max_batch, jobs)
+        self.stats.batch_sizes[jobs] += 1
+        self.stats.compute_seconds += elapsed
+        return elapsed

@@ -21,6 +21,7 @@ from server.throughput import measure_throughput
 from shards.checkpoint import Checkpoint
 from shards.device import DeviceInfo, choose_dtype, detect_device
 from shards.loading import load_shard, open_checkpoint, parse_layers
+from shards.shard import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger("mesh.serve")
 QUANT_BYTES_PER_PARAM = {"int8": 1.0, "nf4": 0.55}
@@ -47,6 +48,7 @@ class ServeOptions:
     idle_timeout: float = 300.0
     announce_interval: float = 10.0
     max_batch: int = 64
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS
     torch_threads: int | None = None
 
 
@@ -104,6 +106,7 @@ def serve(opts: ServeOptions) -> int:
         print(f"loading layers {start}:{end} of {model_id} on {info.describe(dtype)}", flush=True)
         baseline = process_memory("VmRSS")  # interpreter, libraries, DHT client: before any weight
         shard = load_shard(ckpt, (start, end), device=info, dtype=dtype, quant=opts.quant)
+        shard.prefill_chunk_tokens = opts.prefill_chunk_tokens
         throughput = measure_throughput(shard)
         public_host = opts.public_address or (opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1")
         settings = DonorSettings(model_id=model_id, host=opts.host, port=opts.port, public_host=public_host,

@@ -77,6 +77,13 @@ def test_memory_benchmark(tmp_path):
     assert result["weight_bytes"] > 0 and result["cache_budget_bytes"] > 0
 
 
+def test_long_prompt_benchmark(tmp_path):
+    rows = run_benchmark("long_prompt", "--size", "tiny", "--prompt-tokens", "256", "--chunk", "32", "--rounds", "1",
+                         tmp_path=tmp_path)["results"]
+    assert [r["prefill"] for r in rows] == ["in pieces", "in one piece"]
+    assert all(r["prompt_s"] > 0 and r["longest_step_ms"] > 0 and r["steps_during"] >= 1 for r in rows)
+
+
 def test_cold_path_benchmark(tmp_path):
     rows = run_benchmark("cold_path", "--repeats", "20", "--pause-ms", "0.5", tmp_path=tmp_path)["results"]
     assert {r["operation"] for r in rows} >= {"header: orjson.loads", "payload -> StepBuffer.load (copy)"}

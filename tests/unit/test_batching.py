@@ -115,3 +115,63 @@ def test_batches_and_prefills_run_oldest_first(shard):
     plan = executor._plan([prefill, step_a, later_prefill, step_b])
     # The prefill came first, so it runs before the batch that formed after it.
     assert [[id(j) for j in group] for group in plan] == [[id(prefill)], [id(step_a), id(step_b)], [id(later_prefill)]]
+
+
+class NamedStep(Step):
+    """A Step that writes its name into `finished` when it finishes."""
+
+    def __init__(self, finished: list, name: str, *args):
+        self.finished, self.name = finished, name
+        super().__init__(*args)
+
+    def _done(self, output, error, seconds):
+        self.finished.append(self.name)
+        super()._done(output, error, seconds)
+
+
+def test_decode_steps_run_between_the_pieces_of_a_long_prompt(shard, monkeypatch):
+    monkeypatch.setattr(shard, "prefill_chunk_tokens", 4)
+    prompt = torch.randn(1, 10, shard.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    finished = []
+
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        session, cache = new_session(shard, 1)
+        long_cache = shard.new_cache(64)
+        long = NamedStep(finished, "prompt", executor, object(), long_cache, prompt)
+        assert long.result is None and long_cache.length == 4  # alone: its first piece ran at once
+        step = NamedStep(finished, "decode step", executor, session, cache, token(shard, 5))
+        await both_run(step, long)
+        return executor, long.result, long_cache
+
+    executor, (output, error), long_cache = asyncio.run(scenario())
+    assert finished == ["decode step", "prompt"]  # the step did not wait for the whole prompt
+    assert error is None
+    assert executor.stats.batch_sizes == {1: 4}  # three pieces (4 + 4 + 2 tokens) and the step
+    whole = shard.new_cache(64)
+    torch.testing.assert_close(output, shard(prompt, [whole]), **FP32_TOLERANCE)
+    assert long_cache.length == whole.length == 10
+
+
+def test_a_long_prompt_that_fails_midway_leaves_its_session_as_it_was(shard, monkeypatch):
+    monkeypatch.setattr(shard, "prefill_chunk_tokens", 4)
+    block = shard.blocks[0]
+    calls = []
+
+    def fails_on_the_second_piece(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return type(block).forward(block, *args, **kwargs)
+
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        _, cache = new_session(shard, 1)  # 4 tokens already
+        monkeypatch.setattr(block, "forward", fails_on_the_second_piece)
+        long = Step(executor, object(), cache, torch.randn(1, 10, shard.config.hidden_size))
+        await both_run(long)
+        return long.result, cache
+
+    (output, error), cache = asyncio.run(scenario())
+    assert output is None and "out of memory" in str(error)
+    assert cache.length == 4  # the first piece's 4 tokens were rolled back
