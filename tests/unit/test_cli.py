@@ -78,3 +78,11 @@ def test_list_options_from_the_environment_combine_with_flags(monkeypatch):
     args = build_parser().parse_args(["gateway", "--api-key", "gamma"])
     assert args.api_key == ["alpha", "beta", "gamma"]
     assert args.initial_peers == ["/ip4/1.2.3.4/tcp/1/p2p/A", "/ip4/5.6.7.8/tcp/2/p2p/B"]
+
+
+def test_serve_refuses_a_prefill_piece_of_no_tokens(capsys, monkeypatch):
+    from mesh.cli import main
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # main would set it in this process's environment
+    assert main(["serve", "--model", "some/model", "--prefill-chunk-tokens", "0"]) == 2
+    assert "--prefill-chunk-tokens must be at least 1, got 0" in capsys.readouterr().err
