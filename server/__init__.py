@@ -5,7 +5,8 @@ Map:
   donor.py       Donor (server + session sweeper) and Heartbeat (the DHT announcement)
   handlers.py    data-plane requests: ping, info, open, step, close, forward; every field checked
   forwarding.py  forwarded steps: output pushed to the next donor, results to the session's client
-  compute.py     BatchingExecutor: runs the shard, one-token steps of concurrent sessions batched
+  compute.py     BatchingExecutor: runs the shard, one-token steps of concurrent sessions batched,
+                 long prompts in pieces with other steps between them
   sessions.py    per-session KV caches reserved against a byte budget, idle expiry, step buffers
   throughput.py  the tokens/s a donor announces
   host_memory.py freed large buffers go back to the system (glibc's mmap threshold)

@@ -28,16 +28,21 @@ from shards.kv_cache import KVCache
 from shards.shard import Shard
 
 
+class SessionEnded(Exception):
+    """A queued step's session was closed (by its client, its connection's loss, or idleness)."""
+
+
 # done(output [B, T, D] or None, error or None, compute seconds of the batch)
 Done = Callable[[torch.Tensor | None, Exception | None, float], None]
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity, never by comparing their tensors
 class Job:
     hidden: torch.Tensor  # [B, T, D]
     layers: tuple[int, int]
     cache: KVCache | None
     done: Done
+    submitter: object = None  # the session whose step this is (None: a forward without a session)
     pieces: list[torch.Tensor] = field(default_factory=list)  # outputs of a long prompt's pieces so far
     seconds: float = 0.0  # compute spent on those pieces
     start_length: int = 0  # the cache's length before the first piece: where a failure rewinds it
@@ -94,7 +99,7 @@ class BatchingExecutor:
         wait, the first of them would run alone and the rest would form the next batch.
         """
         now = time.monotonic()
-        self._pending.append(Job(hidden, layers, cache, done))
+        self._pending.append(Job(hidden, layers, cache, done, submitter))
         if submitter is not None:
             self._active[submitter] = now
             self._pending_submitters.add(submitter)
@@ -112,8 +117,17 @@ class BatchingExecutor:
             self._timer = asyncio.get_running_loop().call_later(wait, self._flush)
 
     def forget(self, submitter: object) -> None:
-        """A session closed: no batch should wait for it."""
+        """A session ended: no batch waits for it, and its queued work (a step, the rest of a long
+        prompt) is dropped with an error instead of computing into a cache nobody owns."""
         self._active.pop(submitter, None)
+        self._pending_submitters.discard(submitter)
+        if submitter is None:
+            return
+        dropped = [job for job in self._pending if job.submitter is submitter]
+        if dropped:
+            self._pending = [job for job in self._pending if job.submitter is not submitter]
+            for job in dropped:
+                job.done(None, SessionEnded("the session was closed before this step ran"), 0.0)
 
     def _missing_sessions(self, now: float) -> int:
         """Active sessions whose next step is not queued yet; forgets sessions gone quiet."""

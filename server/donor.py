@@ -40,8 +40,10 @@ class Donor:
         self.settings = settings
         self.throughput = throughput
         self.device = device
-        self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout)
         self.worker = BatchingExecutor(shard, settings.max_batch)
+        # A session that ends drops its queued work too: no compute for a cache nobody owns.
+        self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout,
+                                     on_close=self.worker.forget)
         self.forwarder = Forwarder(self.sessions, settings.max_payload)
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
                                       describe={"backend": shard.device_info.backend, "device": device},

@@ -14,7 +14,7 @@ import torch
 
 from mesh.protocol import Message, ProtocolError, WireTensor, error_header
 from mesh.transport import Responder
-from server.compute import BatchingExecutor
+from server.compute import BatchingExecutor, SessionEnded
 from server.forwarding import MAX_CHAIN, Forwarder, parse_forward, tell_owner
 from server.sessions import Session, SessionTable
 from shards.errors import CacheOverflowError
@@ -131,8 +131,6 @@ class DonorHandlers:
     def close(self, message, connection, respond):
         session_id = message.header.get("session")
         session = self.sessions.close(session_id) if session_id in connection.sessions else None
-        if session is not None:
-            self.worker.forget(session)  # no batch should wait for its steps any more
         connection.sessions.discard(session_id)
         respond.ok({"type": "closed", "existed": session is not None})
 
@@ -211,6 +209,8 @@ def _error_reply(error: Exception) -> tuple[str, str]:
     """(code, message) of the error reply for a compute that failed."""
     if isinstance(error, CacheOverflowError):
         return "cache_overflow", str(error)
+    if isinstance(error, SessionEnded):
+        return "unknown_session", str(error)
     return "internal", f"{type(error).__name__}: {error}"
 
 

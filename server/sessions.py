@@ -75,8 +75,10 @@ class Session:
 
 class SessionTable:
     def __init__(self, shard: Shard, budget_bytes: int, idle_timeout: float = 300.0,
-                 max_session_tokens: int | None = None, clock: Callable[[], float] = time.monotonic):
+                 max_session_tokens: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_close: Callable[[Session], None] | None = None):
         self.shard = shard
+        self.on_close = on_close  # told of every session that ends: closed, its connection lost, or idle
         self.budget_bytes = budget_bytes
         self.idle_timeout = idle_timeout
         self.max_session_tokens = max_session_tokens or getattr(shard.config, "max_position_embeddings", 1 << 20)
@@ -123,17 +125,21 @@ class SessionTable:
 
     def close(self, session_id: str) -> Session | None:
         """Forget a session; the one closed, or None if there was none."""
-        return self.sessions.pop(session_id, None)
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is not None:
+            self._end([session_id])
+        return session
 
     def close_owned_by(self, owner: object) -> int:
-        doomed = [sid for sid, s in self.sessions.items() if s.owner is owner]
-        for sid in doomed:
-            del self.sessions[sid]
-        return len(doomed)
+        return len(self._end([sid for sid, s in self.sessions.items() if s.owner is owner]))
 
     def expire_idle(self) -> list[str]:
         cutoff = self.clock() - self.idle_timeout
-        doomed = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
+        return self._end([sid for sid, s in self.sessions.items() if s.last_used < cutoff])
+
+    def _end(self, doomed: list[str]) -> list[str]:
         for sid in doomed:
-            del self.sessions[sid]
+            session = self.sessions.pop(sid)
+            if self.on_close is not None:
+                self.on_close(session)
         return doomed

@@ -191,9 +191,10 @@ def test_a_next_donor_out_of_reach_is_reported_to_the_client(donor):
 def test_idle_sessions_expire(model_dir):
     from server.sessions import SessionTable
 
-    now = [0.0]
+    now, ended = [0.0], []
     shard = load_shard(model_dir("llama"), "0:2")
-    table = SessionTable(shard, shard.cache_spec.nbytes(100), idle_timeout=30, clock=lambda: now[0])
+    table = SessionTable(shard, shard.cache_spec.nbytes(100), idle_timeout=30, clock=lambda: now[0],
+                         on_close=ended.append)
     owner = object()
     first = table.open(0, 2, 40, owner)
     second = table.open(0, 2, 40, owner)
@@ -203,3 +204,5 @@ def test_idle_sessions_expire(model_dir):
     now[0] = 35
     assert table.expire_idle() == [first.id]
     assert table.free_tokens() == 60
+    assert ended == [first]  # the donor's executor hears of it (and drops the session's queued work)
+    assert table.close_owned_by(owner) == 1 and ended == [first, second]

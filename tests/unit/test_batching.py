@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor, Job
+from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor, Job, SessionEnded
 from shards.loading import load_shard
 from tests.conftest import FP32_TOLERANCE
 
@@ -175,3 +175,20 @@ def test_a_long_prompt_that_fails_midway_leaves_its_session_as_it_was(shard, mon
     (output, error), cache = asyncio.run(scenario())
     assert output is None and "out of memory" in str(error)
     assert cache.length == 4  # the first piece's 4 tokens were rolled back
+
+
+def test_a_session_that_ends_mid_prompt_stops_costing_compute(shard, monkeypatch):
+    monkeypatch.setattr(shard, "prefill_chunk_tokens", 4)
+
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        session = object()
+        long = Step(executor, session, shard.new_cache(64), torch.randn(1, 12, shard.config.hidden_size))
+        assert long.result is None  # its first piece ran; two more are queued
+        executor.forget(session)  # the client closed it, or its connection was lost
+        await asyncio.sleep(0.01)
+        return executor, long.result
+
+    executor, (output, error) = asyncio.run(scenario())
+    assert output is None and isinstance(error, SessionEnded)
+    assert executor.stats.batches == 1  # the remaining pieces never ran
