@@ -5,7 +5,8 @@ MeshModel, or N streaming requests to the gateway). Reports aggregate decode tok
 tokens/s, p50/p99 inter-token latency, and the donor's batch sizes. The ratio that matters:
 aggregate tokens/s at 16 sessions ÷ a single session's.
 
-Usage: python -m benchmarks.concurrency [--size tiny|mid] [--sessions 1,4,16,64] [--new-tokens 32] [--json FILE]
+Usage: python -m benchmarks.concurrency [--size tiny|mid] [--sessions 1,4,16,64] [--new-tokens 32]
+       [--dtype float32[,bfloat16]] [--json FILE]
 """
 
 from __future__ import annotations
@@ -141,32 +142,17 @@ def donor_batches(port: int) -> dict:
         connection.close()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--sessions", default="1,4,16,64")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the donor")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="the donor's compute dtype (bfloat16 batches far better on CPUs with AMX)")
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    counts = [int(n) for n in args.sessions.split(",")]
+def measure_dtype(path: str, dtype: str, counts: list[int], args) -> list[dict]:
+    """Every row for one donor compute dtype: its own swarm, stopped before the next dtype starts."""
     from client import MeshModel
     from mesh.launcher import LocalSwarm
-    from shards.demo_model import build_tokenizer
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(ready_timeout=300) as swarm:
-        # The gateway answers in text, so the model gets the demo model's tokenizer (and its vocabulary size).
-        tokenizer = build_tokenizer()
-        path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama", vocab_size=len(tokenizer))
-        tokenizer.save_pretrained(path)
+    with LocalSwarm(ready_timeout=300) as swarm:
         swarm.start_dht()
         cache_tokens = max(counts) * (PROMPT_TOKENS + args.new_tokens) * 2
         [donor] = swarm.start_donors(path, [f"0:{SIZES[args.size]['num_hidden_layers']}"], "--torch-threads",
-                                     str(args.threads), "--dtype", args.dtype, "--cache-tokens", str(cache_tokens))
+                                     str(args.threads), "--dtype", dtype, "--cache-tokens", str(cache_tokens))
         with MeshModel.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
             model.generate([1, 2, 3], max_new_tokens=2)  # warm-up
             for n in counts:
@@ -179,32 +165,64 @@ def main(argv=None) -> int:
             before = donor_batches(donor.port)
             rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
                          "batches": _diff(donor_batches(donor.port), before)})
-        alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS, args.dtype)  # the swarm is idle by now
+    alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS, dtype)  # the swarm is stopped by now
     rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "steady_tokens_per_s": rate,
               "per_session_tokens_per_s": rate / n,
               "p50_inter_token_ms": 1000 * n / rate, "p99_inter_token_ms": 1000 * n / rate, "batches": {str(n): 5}}
              for n, rate in alone.items()]
     for row in rows:
+        row["dtype"] = dtype
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
         steady = row["steady_tokens_per_s"]
         row["steady_vs_single"] = None if steady is None else steady / single["aggregate_tokens_per_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--sessions", default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the donor")
+    parser.add_argument("--dtype", default="float32",
+                        help="the donor's compute dtype, or several one after the other: float32,bfloat16 "
+                             "(bfloat16 batches far better on CPUs with AMX)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    dtypes = args.dtype.split(",")
+    unknown = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if unknown:
+        parser.error(f"--dtype takes float32 and bfloat16, not {', '.join(unknown)}")
+    torch.set_num_threads(1)
+    counts = [int(n) for n in args.sessions.split(",")]
+    from shards.demo_model import build_tokenizer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # The gateway answers in text, so the model gets the demo model's tokenizer (and its vocabulary size).
+        tokenizer = build_tokenizer()
+        path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama", vocab_size=len(tokenizer))
+        tokenizer.save_pretrained(path)
+        for dtype in dtypes:
+            rows += measure_dtype(path, dtype, counts, args)
     command = command_line(argv, "benchmarks.concurrency")
-    print(f"\ncommand: {command}\nmodel: {args.size} random llama in {args.dtype}; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
+    print(f"\ncommand: {command}\nmodel: {args.size} random llama; prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new "
           f"per session; donor torch threads {args.threads}, client 1")
     print("aggregate: all decode tokens over the whole run; steady: while every session decodes (after the\n"
-          "last prefill, before the first session ends); 'x single' divides by one session's aggregate rate;\n"
-          "batch: the donor's decode batch size that carried the most tokens; gateway latencies are between\n"
-          "text chunks (a chunk may carry several tokens), its token counts come from the stream's usage")
-    print(f"{'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'steady tok/s':>13} {'x single':>9} "
-          f"{'per session':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
+          "last prefill, before the first session ends); 'x single' divides by one session's aggregate rate\n"
+          "in the same dtype; batch: the donor's decode batch size that carried the most tokens; gateway\n"
+          "latencies are between text chunks (a chunk may carry several tokens), its token counts come from\n"
+          "the stream's usage")
+    print(f"{'dtype':<9} {'via':<14} {'sessions':>8} {'aggregate tok/s':>16} {'x single':>9} {'steady tok/s':>13} "
+          f"{'x single':>9} {'per session':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     for r in rows:
         weighted = {int(size): int(size) * count for size, count in r["batches"].items()}
         common = max(weighted.items(), key=lambda kv: kv[1])[0] if weighted else "-"
         steady = "-" if r["steady_tokens_per_s"] is None else f"{r['steady_tokens_per_s']:.1f}"
         steady_ratio = "-" if r["steady_vs_single"] is None else f"{r['steady_vs_single']:.2f}"
-        print(f"{r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} {r['vs_single']:>9.2f} "
-              f"{steady:>13} {steady_ratio:>9} {r['per_session_tokens_per_s']:>12.1f} "
+        print(f"{r['dtype']:<9} {r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} "
+              f"{r['vs_single']:>9.2f} {steady:>13} {steady_ratio:>9} {r['per_session_tokens_per_s']:>12.1f} "
               f"{r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f} {common:>6}")
     save(args.json, command, rows)
     return 0

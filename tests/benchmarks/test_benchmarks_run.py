@@ -64,10 +64,11 @@ def test_generate_benchmark(tmp_path):
 
 def test_concurrency_benchmark(tmp_path):
     result = run_benchmark("concurrency", "--size", "tiny", "--sessions", "1,4", "--new-tokens", "6",
-                           tmp_path=tmp_path)
-    rows = [(r["via"], r["sessions"]) for r in result["results"]]
-    assert rows == [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4),
-                    ("shard alone", 1), ("shard alone", 4)]
+                           "--dtype", "float32,bfloat16", tmp_path=tmp_path)
+    rows = [(r["dtype"], r["via"], r["sessions"]) for r in result["results"]]
+    per_dtype = [("python client", 1), ("python client", 4), ("gateway", 1), ("gateway", 4),
+                 ("shard alone", 1), ("shard alone", 4)]
+    assert rows == [(dtype, *row) for dtype in ("float32", "bfloat16") for row in per_dtype]
     assert all(r["aggregate_tokens_per_s"] > 0 for r in result["results"])
 
 
