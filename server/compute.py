@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,17 +43,12 @@ class Job:
     cache: KVCache | None
     done: Done
     submitter: object = None  # the session whose step this is (None: a forward without a session)
-    pieces: list[torch.Tensor] = field(default_factory=list)  # outputs of a long prompt's pieces so far
-    seconds: float = 0.0  # compute spent on those pieces
-    start_length: int = 0  # the cache's length before the first piece: where a failure rewinds it
+    pieces: Iterator[torch.Tensor | None] | None = None  # a long prompt under way (Shard.in_pieces)
+    seconds: float = 0.0  # compute spent on its pieces so far
 
     @property
     def batchable(self) -> bool:
         return self.cache is not None and self.hidden.shape[0] == 1 and self.hidden.shape[1] == 1
-
-    @property
-    def done_tokens(self) -> int:
-        return sum(piece.shape[1] for piece in self.pieces)
 
 
 @dataclass
@@ -127,6 +122,8 @@ class BatchingExecutor:
         if dropped:
             self._pending = [job for job in self._pending if job.submitter is not submitter]
             for job in dropped:
+                if job.pieces is not None:
+                    job.pieces.close()  # a prompt cut short leaves nothing in the cache
                 job.done(None, SessionEnded("the session was closed before this step ran"), 0.0)
 
     def _missing_sessions(self, now: float) -> int:
@@ -179,7 +176,7 @@ class BatchingExecutor:
             for i in range(0, len(batch), self.max_batch):
                 chunk = batch[i:i + self.max_batch]
                 planned.append((chunk[0][0], [job for _, job in chunk]))
-        planned.sort(key=lambda item: (bool(item[1][0].pieces), item[0]))
+        planned.sort(key=lambda item: (item[1][0].pieces is not None, item[0]))
         return [group for _, group in planned]
 
     def _execute(self, group: list[Job]) -> None:
@@ -203,31 +200,28 @@ class BatchingExecutor:
             job.done(output, None, elapsed)
 
     def _in_pieces(self, job: Job) -> bool:
-        return job.cache is not None and (bool(job.pieces) or job.hidden.shape[1] > self.shard.prefill_chunk_tokens)
+        return job.pieces is not None or (job.cache is not None
+                                          and job.hidden.shape[1] > self.shard.prefill_chunk_tokens)
 
     def _execute_piece(self, job: Job) -> None:
         """The next piece of a long prompt; the job goes back in the queue until its last piece ran."""
-        begin = job.done_tokens
+        if job.pieces is None:
+            job.pieces = self.shard.in_pieces(job.hidden, [job.cache], job.layers)
         started = time.perf_counter()
         try:
-            if not job.pieces:
-                job.start_length = job.cache.length
-                job.cache.check_room(job.hidden.shape[1])  # the whole prompt, before any piece runs
-            piece = job.hidden[:, begin:begin + self.shard.prefill_chunk_tokens]
-            job.pieces.append(self.shard(piece, [job.cache], job.layers))
+            output = next(job.pieces)  # a failed piece rolls the whole prompt back
         except Exception as err:
-            job.cache.truncate(job.start_length)  # all of the prompt or none of it
             job.done(None, err, 0.0)
             return
         job.seconds += self._count(1, started)
-        if job.done_tokens < job.hidden.shape[1]:
+        if output is None:
             self._pending.append(job)
             # The next piece waits one loop turn, so that steps which came in while this one ran
             # are read and queued first; planned behind them (_plan), they do not wait for it.
             asyncio.get_running_loop().call_soon(self._resume)
             return
         self.stats.jobs += 1
-        job.done(torch.cat(job.pieces, dim=1), None, job.seconds)
+        job.done(output, None, job.seconds)
 
     def _resume(self) -> None:
         if self._pending and not self._flush_scheduled:

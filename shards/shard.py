@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -88,7 +90,8 @@ class Shard(nn.Module):
                     raise ValueError(f"a cache for {cache.spec.num_layers} layers cannot serve layers [{start}, {end})")
                 cache.check_room(tokens)
             if tokens > self.prefill_chunk_tokens:
-                return self._in_chunks(hidden, caches, (start, end))
+                *_, output = self.in_pieces(hidden, caches, (start, end))
+                return output
             offsets = torch.tensor([c.length for c in caches], device=hidden.device)
             positions = offsets[:, None] + torch.arange(tokens, device=hidden.device)
         hidden = hidden.to(self.dtype)
@@ -99,16 +102,27 @@ class Shard(nn.Module):
             cache.advance(tokens)  # only after every layer succeeded
         return hidden
 
-    def _in_chunks(self, hidden: torch.Tensor, caches: list[KVCache], layers: tuple[int, int]) -> torch.Tensor:
-        """forward() a piece of the sequence at a time; on failure the caches are as they were."""
+    def in_pieces(self, hidden: torch.Tensor, caches: list[KVCache],
+                  layers: tuple[int, int] | None = None) -> Iterator[torch.Tensor | None]:
+        """forward() with caches, `prefill_chunk_tokens` tokens at a time, as a generator: it yields
+        None after each piece but the last, then the whole output [B, T, D]. A caller can do other
+        work between pieces (the donor runs other sessions' steps). If a piece fails, or the
+        generator is closed before the end, the caches are rolled back to where they were: a prompt
+        goes in whole or not at all."""
+        for cache in caches:
+            cache.check_room(hidden.shape[1])
         lengths = [cache.length for cache in caches]
-        step = self.prefill_chunk_tokens
+        tokens, step = hidden.shape[1], self.prefill_chunk_tokens
         output = torch.empty(hidden.shape, dtype=self.dtype, device=hidden.device)
+        complete = False
         try:
-            for begin in range(0, hidden.shape[1], step):
+            for begin in range(0, tokens, step):
                 output[:, begin:begin + step] = self.forward(hidden[:, begin:begin + step], caches, layers)
-        except BaseException:
-            for cache, length in zip(caches, lengths):
-                cache.truncate(length)
-            raise
-        return output
+                if begin + step < tokens:
+                    yield None
+            complete = True
+        finally:
+            if not complete:
+                for cache, length in zip(caches, lengths):
+                    cache.truncate(length)
+        yield output

@@ -42,3 +42,18 @@ def reference_model(path):
 
 def random_prompt(length: int, vocab: int = 256, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def fail_on_call(monkeypatch, module, call: int, message: str = "out of memory") -> list:
+    """Make `module.forward` raise RuntimeError(message) on its `call`-th call (1 = the first);
+    returns the list that counts the calls."""
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return type(module).forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", forward)
+    return calls

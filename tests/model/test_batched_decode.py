@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shards import CacheOverflowError, LocalPipeline, load_edges, load_shard
-from tests.conftest import FP32_TOLERANCE, random_prompt
+from tests.conftest import FP32_TOLERANCE, fail_on_call, random_prompt
 
 PROMPT_LENGTHS = [3, 11, 6, 17]  # different lengths; 11 and 17 exceed the random configs' windows
 
@@ -98,16 +98,18 @@ def test_a_chunked_prompt_that_fails_midway_leaves_the_session_as_it_was(model_d
     cache = shard.new_cache(32)
     shard(torch.randn(1, 4, shard.config.hidden_size), [cache])
     shard.prefill_chunk_tokens = 4
-    block = shard.blocks[1]
-    calls = []
-
-    def fails_on_the_third_piece(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory")
-        return type(block).forward(block, *args, **kwargs)
-
-    monkeypatch.setattr(block, "forward", fails_on_the_third_piece)
+    calls = fail_on_call(monkeypatch, shard.blocks[1], call=3)
     with pytest.raises(RuntimeError, match="out of memory"):
         shard(torch.randn(1, 12, shard.config.hidden_size), [cache])
     assert len(calls) == 3 and cache.length == 4  # two pieces had gone through: rolled back
+
+
+def test_a_prompt_abandoned_between_pieces_leaves_the_session_as_it_was(model_dir):
+    shard = load_shard(model_dir("llama"), "0:2", device="cpu")
+    cache = shard.new_cache(32)
+    shard(torch.randn(1, 4, shard.config.hidden_size), [cache])
+    shard.prefill_chunk_tokens = 4
+    pieces = shard.in_pieces(torch.randn(1, 12, shard.config.hidden_size), [cache])
+    assert next(pieces) is None and next(pieces) is None and cache.length == 12  # two pieces in
+    pieces.close()  # the donor drops a prompt whose session ended
+    assert cache.length == 4

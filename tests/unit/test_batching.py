@@ -11,7 +11,7 @@ import torch
 
 from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor, Job, SessionEnded
 from shards.loading import load_shard
-from tests.conftest import FP32_TOLERANCE
+from tests.conftest import FP32_TOLERANCE, fail_on_call
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +155,11 @@ def test_decode_steps_run_between_the_pieces_of_a_long_prompt(shard, monkeypatch
 
 def test_a_long_prompt_that_fails_midway_leaves_its_session_as_it_was(shard, monkeypatch):
     monkeypatch.setattr(shard, "prefill_chunk_tokens", 4)
-    block = shard.blocks[0]
-    calls = []
-
-    def fails_on_the_second_piece(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return type(block).forward(block, *args, **kwargs)
 
     async def scenario():
         executor = BatchingExecutor(shard)
         _, cache = new_session(shard, 1)  # 4 tokens already
-        monkeypatch.setattr(block, "forward", fails_on_the_second_piece)
+        fail_on_call(monkeypatch, shard.blocks[0], call=2)  # the second piece
         long = Step(executor, object(), cache, torch.randn(1, 10, shard.config.hidden_size))
         await both_run(long)
         return long.result, cache
@@ -183,12 +175,14 @@ def test_a_session_that_ends_mid_prompt_stops_costing_compute(shard, monkeypatch
     async def scenario():
         executor = BatchingExecutor(shard)
         session = object()
-        long = Step(executor, session, shard.new_cache(64), torch.randn(1, 12, shard.config.hidden_size))
-        assert long.result is None  # its first piece ran; two more are queued
+        cache = shard.new_cache(64)
+        long = Step(executor, session, cache, torch.randn(1, 12, shard.config.hidden_size))
+        assert long.result is None and cache.length == 4  # its first piece ran; two more are queued
         executor.forget(session)  # the client closed it, or its connection was lost
         await asyncio.sleep(0.01)
-        return executor, long.result
+        return executor, long.result, cache
 
-    executor, (output, error) = asyncio.run(scenario())
+    executor, (output, error), cache = asyncio.run(scenario())
     assert output is None and isinstance(error, SessionEnded)
     assert executor.stats.batches == 1  # the remaining pieces never ran
+    assert cache.length == 0  # and the piece that did is rolled back
