@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from mesh.listener import Listener, listen
 from mesh.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     PREFIX,
@@ -385,6 +386,6 @@ class ServerConnection:
 
 
 async def start_server(handler: Handler, host: str, port: int, on_close: Callable[[ServerConnection], None],
-                       max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> asyncio.Server:
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: ServerConnection(handler, on_close, max_payload).protocol, host, port)
+                       max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Listener:
+    """Serve `handler` on host:port; every connection waiting is taken at each loop turn (listener.py)."""
+    return listen(host, port, lambda: ServerConnection(handler, on_close, max_payload).protocol)

@@ -8,6 +8,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from mesh.listener import Listener
 from mesh.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from mesh.records import DonorRecord
 from mesh.transport import ServerConnection, start_server
@@ -48,7 +49,7 @@ class Donor:
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
                                       describe={"backend": shard.device_info.backend, "device": device},
                                       forwarder=self.forwarder)
-        self.server: asyncio.Server | None = None
+        self.server: Listener | None = None
         self._sweeper: asyncio.Task | None = None
         self.address = ""
 
