@@ -96,9 +96,10 @@ class Listener:
 
 
 def listen(host: str, port: int, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> Listener:
-    """Listen on host:port (port 0: any free one) from the running loop."""
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
+    """Listen on host:port (port 0: any free one) from the running loop. A name with both IPv4 and
+    IPv6 addresses ("localhost") listens on its IPv4 one, the address the donor announces."""
+    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = min(addresses, key=lambda info: info[0] != socket.AF_INET)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port

@@ -137,3 +137,22 @@ def test_a_closed_server_refuses_new_connections():
         assert closed.wait(10)
         with pytest.raises(ConnectionLost, match="cannot connect"):
             Connection.open("127.0.0.1", port, timeout=5)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "0.0.0.0"])
+def test_a_donor_host_name_listens_where_clients_on_this_machine_reach_it(host):
+    async def serve_one_ping():
+        def ping(message, connection, respond):
+            respond.ok({"type": "pong"})
+
+        server = await start_server(ping, host, 0, lambda connection: None)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            connection = await asyncio.to_thread(Connection.open, "127.0.0.1", port, 5)
+            reply = await asyncio.to_thread(connection.request, {"type": "ping"}, (), 5)
+            connection.close()
+            return reply.header["type"]
+        finally:
+            server.close()
+
+    assert asyncio.run(serve_one_ping()) == "pong"
