@@ -11,5 +11,6 @@ Map:
   memory.py       a serving donor's peak resident memory against weights plus cache budget
   long_prompt.py  how long a decoding session stalls while another session sends a long prompt
   cold_path.py    the data plane's per-message operations, warm and right after compute or a pause
+  connect_burst.py  many clients connecting at once to a busy donor loop: its listener vs create_server
 Results, machines and command lines: RESULTS.md.
 """

@@ -2,11 +2,12 @@
 
 Why not `loop.create_server`: under uvloop (the donor's loop, transport.install_fast_event_loop),
 libuv accepts one connection per turn of the loop (libuv pull request 3696, 2022). A donor's turn
-can last a whole decode batch, hundreds of milliseconds on a CPU, so when 64 clients connected at
-once the last of them waited about 64 turns for its first reply: a ping took up to 7.6 s in
-`benchmarks.concurrency --size mid --sessions 64`, and in 2 of about 12 such runs more than the
-client's 15 s connect timeout, which failed those sessions. Taking all of them in the same turn
-makes each new connection wait a few turns, however many arrive together.
+can last a whole decode batch, hundreds of milliseconds on a CPU, so the k-th of many clients
+that connect together waits about k turns for its first reply. With 64 clients against a mid-size
+float32 donor, some sessions waited past the client's 15 s connect timeout and failed (2 of about
+12 runs of `benchmarks.concurrency --size mid --sessions 64`). Taking every waiting connection in
+the same turn makes each one wait a few turns, however many arrive together:
+`benchmarks.connect_burst` measures both side by side (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

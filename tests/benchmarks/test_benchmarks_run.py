@@ -91,6 +91,14 @@ def test_cold_path_benchmark(tmp_path):
     assert all(r["warm_us"] > 0 and r["cold_us"] > 0 for r in rows)
 
 
+def test_connect_burst_benchmark(tmp_path):
+    result = run_benchmark("connect_burst", "--clients", "8", "--turn-ms", "20", "--rounds", "1", tmp_path=tmp_path)
+    rows = result["results"]
+    assert [r["server"] for r in rows] == ["mesh listener", "loop.create_server"]
+    assert all(r["failed"] == 0 and r["first_reply_max_ms"] >= r["first_reply_p50_ms"] > 0 for r in rows)
+    assert rows[0]["slowest_first_reply_vs_listener"] == 1.0
+
+
 def test_gpu_benchmark_runs_its_code_on_cpu(tmp_path):
     """The gpu benchmark's code, on a tiny model on the CPU (its GPU figures are in RESULTS.md)."""
     result = run_benchmark("gpu", "--size", "tiny", "--device", "cpu", "--new-tokens", "6", "--rounds", "1",
