@@ -174,7 +174,8 @@ def _add_serve(subparsers) -> None:
             type=float)
     _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=int)
     _option(parser, "--prefill-chunk-tokens", "MESH_PREFILL_CHUNK_TOKENS", "a longer prompt runs in pieces of "
-            "this many tokens, with other sessions' decode steps in between (bounds its working memory)", 512,
+            "this many tokens, with other sessions' decode steps in between (bounds its working memory); "
+            "new prompts beyond this many tokens wait for the next batch of decode steps", 512,
             type=int)
     _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
             "when several processes run on one machine)", type=int)

@@ -3,10 +3,12 @@
 Handlers submit Jobs with a completion callback. A session that is the only active one runs at
 once, inside `submit`. Otherwise its step waits, until the other active sessions' steps have
 queued too or for a short bounded time (see `submit`), and then one `flush` runs the queued
-one-token steps over the same layers as one batch (the shard's batched step) and everything else
-one by one, oldest request first, resolving each job's callback. A prompt longer than the shard's
-`prefill_chunk_tokens` runs one piece per turn and goes back in the queue between pieces, so that
-decode steps of other sessions are not held up for the whole prompt.
+one-token steps over the same layers as one batch (the shard's batched step) and prompts one by
+one, oldest request first, resolving each job's callback. The shard's `prefill_chunk_tokens` bounds
+the prompt work of one flush: new prompts beyond that many tokens wait for the next flush, and a
+longer prompt runs one piece of that size per flush, going back in the queue between pieces. So
+a decoding session waits for a budget of new prompts and a piece of each long prompt under way,
+never for a whole burst of new sessions or a whole long prompt.
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine (measured during development with a
@@ -148,36 +150,65 @@ class BatchingExecutor:
         jobs, self._pending, self._flush_scheduled = self._pending, [], False
         self._pending_submitters = set()
         started = time.perf_counter()
-        groups = self._plan(jobs)
+        groups, deferred = self._plan(jobs)
+        if deferred:
+            self._requeue(deferred)  # prompts over this turn's budget: the next flush, one loop turn later
         with torch.inference_mode():
             while groups:
                 self._execute(groups.pop(0))
                 if groups and time.perf_counter() - started > MAX_FLUSH_SECONDS:
                     # Let the loop breathe (pings, new sessions, more steps to batch), then go on.
-                    self._pending = [job for group in groups for job in group] + self._pending
-                    self._flush_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush)
+                    self._requeue([job for group in groups for job in group])
                     return
 
-    def _plan(self, jobs: list[Job]) -> list[list[Job]]:
-        """Groups to run, oldest request first: one-token steps over the same layers batched (up to
-        max_batch), everything else alone. Oldest first, because a decode batch re-forms at every
-        flush: if it always went first, prefills queued behind it would wait forever under load.
-        A prompt that already ran some of its pieces goes last: it runs one piece per flush, so it
-        still advances at every flush, and the steps queued with it do not wait for that piece."""
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Put jobs back ahead of those that came since, for a flush on the next loop turn."""
+        self._pending = jobs + self._pending
+        self._pending_submitters.update(job.submitter for job in jobs if job.submitter is not None)
+        if not self._flush_scheduled:
+            self._flush_soon()
+
+    def _plan(self, jobs: list[Job]) -> tuple[list[list[Job]], list[Job]]:
+        """Groups to run now, and the jobs left for the next flush.
+
+        Every queued one-token step runs now, batched with the others over the same layers (up to
+        max_batch). New prompts (and forwards without a session) run alone, up to the shard's
+        `prefill_chunk_tokens` tokens per flush (at least one prompt), in arrival order; the others
+        wait for the next flush, so that a burst of new sessions holds up a decoding session by
+        one budget's worth of prompt, not by all of them. A long prompt that already started runs
+        its next piece (of that size) at every flush, whatever came since, so it is never starved.
+
+        Oldest request first: a decode batch re-forms at every flush, and if it always went first,
+        prompts queued behind it would wait for ever under load. A prompt that already ran some of
+        its pieces goes last, so the steps queued with it do not wait for that piece."""
         batches: dict[tuple[int, int], list[tuple[int, Job]]] = defaultdict(list)
+        new_prompts: list[tuple[int, Job]] = []
         planned: list[tuple[int, list[Job]]] = []
         for order, job in enumerate(jobs):  # `jobs` is in arrival order
             if job.batchable:
                 batches[job.layers].append((order, job))
-            else:
+            elif job.pieces is not None:
                 planned.append((order, [job]))
+            else:
+                new_prompts.append((order, job))
+        now, deferred = self._within_prompt_budget(new_prompts)
+        planned += [(order, [job]) for order, job in now]
         for batch in batches.values():
             for i in range(0, len(batch), self.max_batch):
                 chunk = batch[i:i + self.max_batch]
                 planned.append((chunk[0][0], [job for _, job in chunk]))
         planned.sort(key=lambda item: (item[1][0].pieces is not None, item[0]))
-        return [group for _, group in planned]
+        return [group for _, group in planned], deferred
+
+    def _within_prompt_budget(self, prompts: list[tuple[int, Job]]) -> tuple[list[tuple[int, Job]], list[Job]]:
+        """The first prompts whose tokens fit this flush's budget (at least one), and the rest."""
+        budget = self.shard.prefill_chunk_tokens
+        spent = 0
+        for index, (_, job) in enumerate(prompts):
+            spent += min(job.hidden.shape[0] * job.hidden.shape[1], budget)  # a long prompt: its first piece
+            if index > 0 and spent > budget:
+                return prompts[:index], [job for _, job in prompts[index:]]  # in order: none jumps the queue
+        return prompts, []
 
     def _execute(self, group: list[Job]) -> None:
         if len(group) == 1 and self._in_pieces(group[0]):

@@ -112,9 +112,67 @@ def test_batches_and_prefills_run_oldest_first(shard):
         return Job(torch.zeros(1, tokens, hidden_size), layers, shard.new_cache(8), lambda *a: None)
 
     prefill, step_a, step_b, later_prefill = job(4), job(1), job(1), job(3)
-    plan = executor._plan([prefill, step_a, later_prefill, step_b])
+    plan, deferred = executor._plan([prefill, step_a, later_prefill, step_b])
     # The prefill came first, so it runs before the batch that formed after it.
     assert [[id(j) for j in group] for group in plan] == [[id(prefill)], [id(step_a), id(step_b)], [id(later_prefill)]]
+    assert deferred == []
+
+
+def test_prompts_beyond_a_flush_budget_wait_for_the_next_flush(shard, monkeypatch):
+    monkeypatch.setattr(shard, "prefill_chunk_tokens", 8)
+    executor = BatchingExecutor(shard)
+    layers = (shard.start, shard.end)
+
+    def job(tokens, batch=1):
+        return Job(torch.zeros(batch, tokens, shard.config.hidden_size), layers, shard.new_cache(8), lambda *a: None)
+
+    first, second, step, third, fourth = job(5), job(3), job(1), job(1, batch=2), job(2)
+    plan, deferred = executor._plan([first, second, step, third, fourth])
+    # 5 + 3 tokens fill the budget of 8; the step runs anyway; the rest keep their order.
+    assert [[id(j) for j in group] for group in plan] == [[id(first)], [id(second)], [id(step)]]
+    assert [id(j) for j in deferred] == [id(third), id(fourth)]
+    # A prompt longer than the budget still starts (its first piece), or it would never run.
+    big, small = job(12), job(2)
+    plan, deferred = executor._plan([big, small])
+    assert [[id(j) for j in group] for group in plan] == [[id(big)]] and deferred == [small]
+
+
+def test_a_decode_step_waits_for_one_budget_of_a_burst_of_prompts_not_all_of_it(shard, monkeypatch):
+    monkeypatch.setattr(shard, "prefill_chunk_tokens", 4)
+    hidden_size = shard.config.hidden_size
+    prompts = [torch.randn(1, 4, hidden_size, generator=torch.Generator().manual_seed(s)) for s in (20, 21, 22)]
+    finished, caches = [], [shard.new_cache(16) for _ in prompts]
+
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        session, cache = new_session(shard, 1)
+        outputs = {}
+
+        def done(name):
+            def record(output, error, seconds):
+                finished.append(name)
+                outputs[name] = (output, error)
+            return record
+
+        layers = (shard.start, shard.end)
+        # Three new sessions' prompts, then a decoding session's step, queued behind one long turn.
+        executor._pending = [Job(prompt, layers, c, done(f"prompt {i}"), object())
+                             for i, (prompt, c) in enumerate(zip(prompts, caches))]
+        executor._pending.append(Job(token(shard, 5), layers, cache, done("decode step"), session))
+        executor._flush_soon()
+        for _ in range(1000):
+            if len(finished) == 4:
+                break
+            await asyncio.sleep(0.001)
+        return outputs
+
+    outputs = asyncio.run(scenario())
+    # Before the budget, the step waited for all three prompts.
+    assert finished == ["prompt 0", "decode step", "prompt 1", "prompt 2"]
+    for i, prompt in enumerate(prompts):  # the deferred prompts lost nothing
+        output, error = outputs[f"prompt {i}"]
+        assert error is None and caches[i].length == 4
+        torch.testing.assert_close(output, shard(prompt, [shard.new_cache(16)]), **FP32_TOLERANCE)
 
 
 class NamedStep(Step):
