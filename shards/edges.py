@@ -39,4 +39,4 @@ class ModelEdges(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, D] -> logits: [B, T, vocab], in float32 for sampling."""
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        return self.lm_head(self.norm(hidden.to(device=self.device, dtype=self.dtype))).float()

@@ -79,6 +79,8 @@ class Shard(nn.Module):
         start, end = layers or (self.start, self.end)
         self._check_sub_range(start, end)
         blocks = self.blocks[start - self.start:end - self.start]
+        # Inputs come from the wire (host memory) or from the layer before (any device, any dtype).
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
         batch, tokens, _ = hidden.shape
         if caches is None:
             positions = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
@@ -94,7 +96,6 @@ class Shard(nn.Module):
                 return output
             offsets = torch.tensor([c.length for c in caches], device=hidden.device)
             positions = offsets[:, None] + torch.arange(tokens, device=hidden.device)
-        hidden = hidden.to(self.dtype)
         cos, sin = self.rotary(positions, self.dtype)
         for layer, block in enumerate(blocks):
             hidden = block(hidden, cos, sin, caches, layer)
