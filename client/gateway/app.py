@@ -18,11 +18,12 @@ from client.gateway.engine import Engine, Generation, GenerationRequest
 from client.gateway.errors import APIError, error_body, invalid, model_not_found, unavailable
 from client.gateway.metrics import GatewayMetrics
 from client.gateway.schemas import ChatRequest, CompletionRequest
-from client.gateway.text import TextStream, chat_logprob_entry, token_text
+from client.gateway.text import TextStream, chat_logprob_entry, longest_token_characters, token_text
 from client import ContextLengthError, MeshSessionError, NoRouteError, SamplingParams
 
 log = logging.getLogger("mesh.gateway")
 DEFAULT_MAX_TOKENS = 512  # chat requests that name no limit: at most this, or what the context allows
+MAX_BODY_BYTES = 32 * 2**20  # larger request bodies are refused (413) before they are read
 
 
 @dataclass
@@ -56,12 +57,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        location = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(location) or None
-        message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        return JSONResponse(error_body(f"Invalid value for {param or 'request'}: {message}",
-                                       "invalid_request_error", param, "invalid_value"), status_code=400)
+        return JSONResponse(validation_error_body(err.errors()), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
@@ -69,6 +65,38 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
                             status_code=err.status_code)
 
+
+
+def validation_error_body(errors) -> dict:
+    """pydantic's first complaint as an OpenAI error: the parameter's path, and for a field that
+    takes several types (a union), the types it takes instead of the first one's complaint."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_body("The request body is not valid JSON: send a JSON object (Content-Type: application/json).",
+                          "invalid_request_error", None, "invalid_json")
+    path, tag = _field_path(first.get("loc", ()))
+    param = ".".join(path) or None
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if tag is not None:  # every member of the union failed: say what the field takes
+        taken = [t for t in dict.fromkeys(_field_path(e.get("loc", ()))[1] for e in errors
+                                          if _field_path(e.get("loc", ()))[0] == path) if t]
+        message = f"expected {' or '.join(taken)}"
+    return error_body(f"Invalid value for {param or 'request'}: {message}", "invalid_request_error", param,
+                      "invalid_value")
+
+
+def _field_path(location) -> tuple[list[str], str | None]:
+    """(the path of the field that failed, the union member pydantic tried there, if any). A union's
+    members appear in the location as type names: str, list[TextPart], function-after[...]."""
+    path: list[str] = []
+    for part in location:
+        part = str(part)
+        if not path and part == "body":
+            continue
+        if part in ("str", "int", "float", "bool", "dict", "none") or "[" in part or "-" in part or part[:1].isupper():
+            return path, part
+        path.append(part)
+    return path, None
 
 
 def _endpoint(path: str) -> str:
@@ -85,12 +113,17 @@ def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: Gatewa
         path = request.url.path
         endpoint = _endpoint(path)
         if settings.api_keys and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            given = _bearer_token(request.headers.get("authorization", ""))
             if given not in settings.api_keys:
                 err = APIError(401, "Incorrect API key provided." if given else "Missing API key: send "
                                "'Authorization: Bearer <key>'.", "invalid_request_error", None, "invalid_api_key")
                 metrics.requests.labels(endpoint, "401").inc()
                 return JSONResponse(err.body(), status_code=401)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            metrics.requests.labels(endpoint, "413").inc()
+            return JSONResponse(error_body(f"The request body is larger than {MAX_BODY_BYTES // 2**20} MiB.",
+                                           "invalid_request_error", None, "request_too_large"), status_code=413)
         metrics.in_flight.inc()
         try:
             response = await call_next(request)
@@ -106,6 +139,12 @@ def _install_accounting(app: FastAPI, settings: GatewaySettings, metrics: Gatewa
         return response
 
 
+def _bearer_token(authorization: str) -> str:
+    """The key of an 'Authorization: Bearer <key>' header (the scheme in any case); '' otherwise."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 async def _counted(body, metrics: GatewayMetrics):
     try:
         async for chunk in body:
@@ -119,6 +158,9 @@ class _Handlers:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.tokenizer = engine.tokenizer
         self.context = engine.model.context_length or 1 << 30
+        # Text longer than this cannot fit the context however it tokenizes (twice the longest token,
+        # for normalizers that drop characters): refused before tokenizing, which takes seconds per megabyte.
+        self.max_prompt_characters = self.context * 2 * longest_token_characters(self.tokenizer)
 
     # -- models and health ----------------------------------------------------------------------------
 
@@ -157,17 +199,30 @@ class _Handlers:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as err:
             raise invalid(str(err), "messages") from None
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
+        ids = await asyncio.to_thread(self._chat_ids, messages)  # seconds for a long prompt: off the event loop
         max_tokens = self._budget(len(ids), body.token_limit, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._run("chat", body, [ids], max_tokens, top, echo=False)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_text_length(self, characters: int, param: str) -> None:
+        """Refuse, without tokenizing it, text too long to fit the context however it tokenizes."""
+        if characters > self.max_prompt_characters:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the {param} "
+                                f"hold {characters} characters: far more than fit. Please shorten the {param}.",
+                           "invalid_request_error", param, "context_length_exceeded")
 
     # -- completions ----------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
-        prompts = self._prompt_ids(body.prompt)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        self._check_text_length(sum(len(p) for p in texts if isinstance(p, str)), "prompt")
+        prompts = await asyncio.to_thread(self._prompt_ids, body.prompt)
         max_tokens = min(self._budget(len(p), body.max_tokens, "prompt") for p in prompts)
         return await self._run("text", body, prompts, max_tokens, body.logprobs, echo=body.echo)
 
@@ -257,6 +312,8 @@ class _Choice:
         self.finish_reason: str | None = None
         self.logprobs: list = []  # token events, when logprobs were asked for
         self.logprobs_streamed = 0  # how many of them went out in stream chunks
+        self.text_offset = 0  # completions logprobs: where the next token's text starts
+        self.prompt_logprobs_sent = False  # an echoed prompt's logprobs went out in a stream chunk
         self.last_token_at: float | None = None
 
     def add(self, event) -> str:
@@ -361,30 +418,28 @@ class _Reply:
         return {"content": [chat_logprob_entry(tokenizer, e.token, e.logprob, e.top_logprobs) for e in events],
                 "refusal": None}
 
-    def _text_logprobs(self, choice: _Choice) -> dict:
+    def _text_logprobs(self, choice: _Choice, events=None, prompt: bool | None = None) -> dict:
+        """Completions-style logprobs of `events` (default: all of the choice's), after the prompt's
+        tokens when `prompt` (default: when echoing). Offsets go on from where the choice's last
+        logprobs ended, so that streamed chunks continue each other."""
         tokenizer = self.h.tokenizer
-        tokens, logprobs, tops, offsets = [], [], [], []
-        offset = 0
-        if self.echo:
+        rows = []  # (token, its logprob, its alternatives)
+        if self.echo if prompt is None else prompt:
             generation = self.generations[choice.index][1]
             prompt_lps = generation.prompt_logprobs or [None] * len(choice.prompt_ids)
             for token, scored in zip(choice.prompt_ids, prompt_lps):
-                text = token_text(tokenizer, token)
                 # The first prompt token has no context to be scored in. The API reports null there,
                 # but the official SDK's strict types take only numbers: 0.0 and no alternatives.
-                lp, top = scored if scored is not None else (0.0, [])
-                tokens.append(text)
-                logprobs.append(lp)
-                tops.append({token_text(tokenizer, t): v for t, v in top})
-                offsets.append(offset)
-                offset += len(text)
-        for event in choice.logprobs:
-            text = token_text(tokenizer, event.token)
+                rows.append((token, *(scored if scored is not None else (0.0, []))))
+        rows += [(e.token, e.logprob, e.top_logprobs) for e in (choice.logprobs if events is None else events)]
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for token, logprob, top in rows:
+            text = token_text(tokenizer, token)
             tokens.append(text)
-            logprobs.append(event.logprob)
-            tops.append({token_text(tokenizer, t): lp for t, lp in event.top_logprobs})
-            offsets.append(offset)
-            offset += len(text)
+            logprobs.append(logprob)
+            tops.append({token_text(tokenizer, t): lp for t, lp in top})
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
     # -- streaming --------------------------------------------------------------------------------------
@@ -397,33 +452,42 @@ class _Reply:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    def _stream_choice(self, choice: _Choice, text: str | None, role: bool = False, finish: bool = False) -> dict:
+    def _stream_choice(self, choice: _Choice, text: str | None, opening: bool = False, finish: bool = False) -> dict:
+        """A choice's entry in a chunk; `opening`: the chunk that opens the choice (the role of a chat
+        answer, the echoed prompt of a completion)."""
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": "", "refusal": None} if role else (
+            delta = {"role": "assistant", "content": "", "refusal": None} if opening else (
                 {} if text is None else {"content": text})
-            return {"index": choice.index, "delta": delta, "logprobs": None if role else self._unsent_logprobs(choice),
+            return {"index": choice.index, "delta": delta, "logprobs": None if opening else self._unsent_logprobs(choice),
                     "finish_reason": self._finish_reason(choice) if finish else None}
-        return {"index": choice.index, "text": text or "", "logprobs": None,
+        return {"index": choice.index, "text": text or "", "logprobs": self._unsent_logprobs(choice),
                 "finish_reason": self._finish_reason(choice) if finish else None}
 
     def _unsent_logprobs(self, choice: _Choice) -> dict | None:
-        """Chat logprobs of the tokens generated since the choice's last chunk (text may lag tokens
-        while a stop sequence could still match, so a chunk can carry several or none)."""
+        """Logprobs of the tokens generated since the choice's last chunk (text may lag tokens while
+        a stop sequence could still match, so a chunk can carry several or none). An echoed prompt's
+        come first, with the first chunk after the prompt was scored (completions only)."""
+        wanted = self.body.logprobs if self.kind == "chat" else self.body.logprobs is not None  # 0 asks too
         fresh = choice.logprobs[choice.logprobs_streamed:]
-        if not self.body.logprobs or not fresh:
+        prompt = (self.kind == "text" and self.echo and not choice.prompt_logprobs_sent
+                  and self.generations[choice.index][1].prompt_logprobs is not None)
+        if not wanted or not (fresh or prompt):
             return None
         choice.logprobs_streamed = len(choice.logprobs)
-        return self._chat_logprobs(fresh)
+        if self.kind == "chat":
+            return self._chat_logprobs(fresh)
+        choice.prompt_logprobs_sent = choice.prompt_logprobs_sent or prompt
+        return self._text_logprobs(choice, fresh, prompt=prompt)
 
     async def stream(self):
         try:
             if self.kind == "chat":
                 for choice in self.choices:
-                    yield self._chunk([self._stream_choice(choice, None, role=True)])
+                    yield self._chunk([self._stream_choice(choice, None, opening=True)])
             elif self.echo:
                 for choice in self.choices:
                     yield self._chunk([self._stream_choice(
-                        choice, self.h.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True))])
+                        choice, self.h.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True), opening=True)])
             async for choice, delta in self._events():
                 if delta:
                     yield self._chunk([self._stream_choice(choice, delta)])

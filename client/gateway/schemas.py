@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 8
 MAX_STOPS = 4
+INT64 = (-2**63, 2**63 - 1)  # seeds: what OpenAI's API takes (choice i samples with seed + i)
+DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's
+
+
+def finite(default: float, **bounds):
+    """A float field within `bounds` that refuses NaN and infinities (which compare false to any bound)."""
+    return Field(default, allow_inf_nan=False, **bounds)
 
 
 class StreamOptions(BaseModel):
@@ -45,15 +52,15 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = finite(1.0, ge=0, le=2)
+    top_p: float = finite(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = Field(None, validate_default=True)
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
+    presence_penalty: float = finite(0.0, ge=-2, le=2)
+    frequency_penalty: float = finite(0.0, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     user: str | None = None
 
@@ -93,7 +100,12 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_is_default(cls, value):
+        return DEFAULT_COMPLETION_TOKENS if value is None else value  # null means "the default", as leaving it out
 
     @field_validator("prompt")
     @classmethod

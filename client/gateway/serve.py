@@ -40,8 +40,7 @@ def serve(options: GatewayOptions) -> int:
     import uvicorn
 
     app, model = build(options)
-    print(f"gateway for {app.state.settings.served_model_name} on http://{options.host}:{options.port}/v1",
-          flush=True)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # Shut down gracefully, without uvicorn re-raising the signal afterwards: that would kill
@@ -55,6 +54,8 @@ def serve(options: GatewayOptions) -> int:
     async def startup(sockets=None):
         await original_startup(sockets)
         port = server.servers[0].sockets[0].getsockname()[1] if server.servers else options.port
+        # Printed once the port is bound: with --port 0 it is known only now.
+        print(f"gateway for {app.state.settings.served_model_name} on http://{options.host}:{port}/v1", flush=True)
         print(f"MESH_GATEWAY_READY http://{options.host}:{port}/v1", flush=True)
 
     server.startup = startup

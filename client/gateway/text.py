@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 # Tokens decoded again before the new ones: how a token reads can depend on the ones before it
 # (a word-start marker, a space the tokenizer's clean-up removes before punctuation).
@@ -76,13 +78,54 @@ class TextStream:
         return delta
 
 
+def longest_token_characters(tokenizer) -> int:
+    """An upper bound on the characters of text one token stands for: its longest entry in the
+    vocabulary as written there (byte-level and byte-fallback spellings are at least as long as the
+    text they stand for). 1 << 20 when there is no tokenizer to ask."""
+    if tokenizer is None:
+        return 1 << 20
+    spellings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max((len(s) for s in spellings if s), default=1)
+
+
 def token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer, token: int, text: str) -> list[int]:
+    """The bytes a token stands for. Usually its text's UTF-8; but a token holding part of a
+    multi-byte character decodes alone to U+FFFD, and then its bytes come from its vocabulary
+    spelling: <0xE2> (byte fallback) or the byte-level alphabet (GPT-2 style BPE)."""
+    if "\ufffd" not in text:
+        return list(text.encode("utf-8"))
+    spelling = tokenizer.convert_ids_to_tokens(token)
+    fallback = BYTE_FALLBACK.fullmatch(spelling or "")
+    if fallback:
+        return [int(fallback[1], 16)]
+    if spelling and all(c in BYTE_LEVEL_ALPHABET for c in spelling):
+        return [BYTE_LEVEL_ALPHABET[c] for c in spelling]
+    return list(text.encode("utf-8"))
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of byte-level BPE vocabularies: printable bytes stand for themselves, the
+    others (controls, space, DEL, no-break space, soft hyphen) for characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    alphabet = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in alphabet.values()]
+    alphabet.update({chr(256 + n): b for n, b in enumerate(others)})
+    return alphabet
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
 def chat_logprob_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
     def entry(t: int, lp: float) -> dict:
         text = token_text(tokenizer, t)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": lp, "bytes": token_bytes(tokenizer, t, text)}
 
     return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -24,6 +26,9 @@ HELLO = [{"role": "user", "content": "Hello!"}]
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),  # a union: no member's name
+    ({"stop": 5}, "stop"),
+    ({"seed": 2**64}, "seed"),  # beyond int64: a 400, not a 500 from the sampler
 ])
 def test_invalid_values_are_400(sdk, change, param):
     request = {"model": SERVED, "messages": HELLO, "max_tokens": 2, **change}
@@ -32,6 +37,57 @@ def test_invalid_values_are_400(sdk, change, param):
     assert err.value.status_code == 400 and err.value.code == "invalid_value"
     assert err.value.body["type"] == "invalid_request_error"
     assert err.value.param == param
+
+
+def test_union_fields_say_what_they_take(gateway):
+    reply = httpx.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": SERVED, "messages": [{"role": "user", "content": 5}]})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == "Invalid value for messages.0.content: expected str or list[TextPart]"
+
+
+def test_nan_is_refused(gateway):
+    """NaN compares false to every bound; the SDK cannot send it, but raw JSON clients can."""
+    reply = httpx.post(gateway.base_url + "/chat/completions",
+                       content=f'{{"model": "{SERVED}", "messages": {json.dumps(HELLO)}, "temperature": NaN}}',
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "temperature"
+    assert "finite" in reply.json()["error"]["message"]
+
+
+def test_malformed_json_body(gateway):
+    reply = httpx.post(gateway.base_url + "/chat/completions", content=b'{"model": "x", "messages": [}',
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"] == {"message": "The request body is not valid JSON: send a JSON object "
+                                                "(Content-Type: application/json).",
+                                     "type": "invalid_request_error", "param": None, "code": "invalid_json"}
+
+
+def test_oversized_body_is_413_and_a_hopeless_prompt_is_refused_untokenized(gateway, monkeypatch):
+    from client.gateway import app as app_module
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 4096)
+    big = httpx.post(gateway.base_url + "/completions", headers=headers, json={"model": SERVED, "prompt": "x" * 5000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    monkeypatch.undo()
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a prompt that cannot fit was tokenized")
+
+    handlers_tokenizer = gateway.app.state.engine.tokenizer
+    monkeypatch.setattr(handlers_tokenizer, "apply_chat_template", no_tokenizing)
+    long = "x" * 2_000_000  # the demo's 2048 tokens of at most 13 characters each: far fewer
+    for path, body in (("/chat/completions", {"messages": [{"role": "user", "content": long}]}),
+                       ("/completions", {"prompt": long})):
+        reply = httpx.post(gateway.base_url + path, headers=headers, json={"model": SERVED, **body}, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_completions_max_tokens_null_means_the_default(sdk):
+    request = dict(model=SERVED, prompt="Once upon", temperature=0)
+    assert sdk.completions.create(**request, max_tokens=None).usage == sdk.completions.create(**request).usage
 
 
 def test_unknown_fields_are_ignored(sdk):
@@ -46,6 +102,9 @@ def test_api_keys(gateway):
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
     missing = httpx.get(gateway.base_url + "/models")  # the SDK refuses to send no key at all
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    for authorization, status in ((f"bearer {API_KEY}", 200), (API_KEY, 401), (f"Basic {API_KEY}", 401)):
+        reply = httpx.get(gateway.base_url + "/models", headers={"Authorization": authorization})
+        assert reply.status_code == status, authorization  # the scheme in any case, and only Bearer
     assert httpx.get(gateway.base_url.removesuffix("/v1") + "/health").status_code == 200  # health needs no key
 
 

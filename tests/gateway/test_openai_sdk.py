@@ -101,6 +101,33 @@ def test_completions_echo_with_logprobs_and_token_prompts(sdk, gateway):
         assert lp == pytest.approx(max(top.values()), abs=1e-6)
 
 
+def test_streamed_completion_logprobs_equal_the_whole_reply(sdk, gateway):
+    ids = gateway.model.tokenizer("Hello! How are you", add_special_tokens=False)["input_ids"]
+    request = dict(model=SERVED, prompt=[ids], max_tokens=6, echo=True, logprobs=2, temperature=0)
+    whole = sdk.completions.create(**request).choices[0].logprobs
+    # The SDK's strict mode types a completion chunk's finish_reason as never null, which OpenAI's own
+    # streams send before the last chunk too: this one stream is read in the SDK's default mode.
+    lenient = gateway.sdk(_strict_response_validation=False)
+    parts = [choice.logprobs for chunk in lenient.completions.create(**request, stream=True)
+             for choice in chunk.choices if choice.logprobs]
+    assert len(parts) > 1  # the echoed prompt's, then the generated tokens' as they come
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for part in parts for x in getattr(part, field)] == getattr(whole, field)
+
+
+def test_logprob_bytes_rebuild_text_split_inside_a_character(sdk, gateway):
+    """Tokens that hold part of a UTF-8 character read as U+FFFD alone; their bytes are still exact."""
+    reply = sdk.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Say é and €"}],
+                                        max_tokens=24, logprobs=True, top_logprobs=2, seed=7, temperature=1.0)
+    entries = reply.choices[0].logprobs.content
+    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace") == reply.choices[0].message.content
+    tokenizer = gateway.model.tokenizer
+    e_acute = tokenizer("é", add_special_tokens=False)["input_ids"]
+    assert len(e_acute) == 2  # the demo vocabulary spells é in two byte tokens: each reads as U+FFFD
+    from client.gateway.text import token_bytes, token_text
+    assert [token_bytes(tokenizer, t, token_text(tokenizer, t)) for t in e_acute] == [[0xC3], [0xA9]]
+
+
 def test_chat_logprobs(sdk):
     reply = sdk.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=3,
                                         temperature=0)
