@@ -15,6 +15,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mesh.listener import Listener, listen
 from mesh.protocol import (
@@ -32,6 +33,23 @@ from mesh.protocol import (
 
 class ConnectionLost(ConnectionError):
     """The peer closed the connection or vanished."""
+
+
+class Unresponsive(TimeoutError):
+    """The peer answered nothing, not even a ping, for longer than a busy peer would: it is
+    stopped, hung or cut off (a process that froze keeps its connections open)."""
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How a client waiting for an answer tells a busy donor from a stuck one. A donor silent for
+    `probe_after` seconds is pinged; one that has not answered the ping `answer_within` seconds
+    later is stuck. A busy donor answers pings between two of its batches (server/compute.py hands
+    its loop back between them), so a stuck one is found in seconds, not after the request's whole
+    timeout, which must leave room for long prompts on slow donors."""
+
+    probe_after: float = 1.0
+    answer_within: float = 5.0
 
 
 class RemoteError(Exception):
@@ -197,6 +215,9 @@ class Connection:
         self._timeout = sock.gettimeout()
         self._error: Exception | None = None
         self._parser = FrameProtocol(self._replies.append, self._on_fatal, lambda exc: None, max_payload)
+        self.heard_at = time.monotonic()  # when the peer last sent a message
+        self.probe_id: int | None = None  # a ping sent to see whether the peer still answers (Liveness)
+        self.probe_sent_at = 0.0
 
     @classmethod
     def open(cls, host: str, port: int, timeout: float = 5.0,
@@ -208,13 +229,22 @@ class Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock, f"{host}:{port}", max_payload)
 
-    def request(self, header: dict, tensors=(), timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply; raises RemoteError, ConnectionLost or TimeoutError."""
+    def request(self, header: dict, tensors=(), timeout: float | None = None,
+                liveness: Liveness | None = None) -> Message:
+        """Send a request and wait for its reply; raises RemoteError, ConnectionLost or TimeoutError
+        (Unresponsive: the peer answered no ping while it was awaited, see Liveness)."""
         request_id = self.send(header, tensors, timeout)
         try:
-            reply = self._receive(request_id)
-        except TimeoutError:
+            if liveness is None:
+                reply = self._receive(request_id)
+            else:
+                reply = wait_for_first([self], request_id, 1e9 if timeout is None else timeout, liveness)[1]
+                if isinstance(reply, Exception):
+                    raise reply
+        except TimeoutError as err:
             self._broken(ConnectionLost(f"no reply from {self.address} within {timeout:g}s"))
+            if isinstance(err, Unresponsive):
+                raise
             raise TimeoutError(f"no reply from {self.address} within {timeout:g}s") from None
         except OSError as err:
             raise self._broken(ConnectionLost(f"connection to {self.address} lost: {err}")) from None
@@ -261,8 +291,12 @@ class Connection:
         """The parsed message about `request_id`, if one came; drops older ones (answers nobody waits for)."""
         while self._replies:
             reply = self._replies.pop(0)
-            if reply.header.get("id") in (request_id, None):  # None: the peer could not parse us
+            self.heard_at = time.monotonic()
+            about = reply.header.get("id")
+            if about in (request_id, None):  # None: the peer could not parse us
                 return reply
+            if about == self.probe_id:
+                self.probe_id = None  # alive
         if self._error is not None:
             raise self._error
         return None
@@ -294,14 +328,19 @@ class Connection:
             pass
 
 
-def wait_for_first(connections: list[Connection], request_id, timeout: float) -> tuple[int, Message | Exception]:
+def wait_for_first(connections: list[Connection], request_id, timeout: float,
+                   liveness: Liveness | None = None) -> tuple[int, Message | Exception]:
     """The first message about `request_id` on any of `connections`, and the index of the connection
-    it came on; or the error of the first connection that broke (closed, malformed stream), with its
-    index. Raises TimeoutError when nothing came within `timeout`; the connections stay usable then.
+    it came on; or the error of the first connection that broke (closed, malformed stream, or, with
+    `liveness`, a peer that stopped answering pings: Unresponsive), with its index. Raises
+    TimeoutError when nothing came within `timeout`; the connections stay usable then.
 
     For forwarded steps: the request goes to the first donor of a chain, the result comes from the
     last, and a donor on the way that fails says so on its own connection."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    for connection in connections:  # a ping still unanswered from an earlier wait gets a fresh window
+        connection.probe_sent_at = max(connection.probe_sent_at, started)
     while True:
         for index in range(len(connections) - 1, -1, -1):  # the last one is where results come from
             try:
@@ -310,11 +349,18 @@ def wait_for_first(connections: list[Connection], request_id, timeout: float) ->
                 return index, err
             if message is not None:
                 return index, message
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        wait = deadline - now
+        if wait <= 0:
             raise TimeoutError(f"no answer from {connections[-1].address} within {timeout:g}s")
+        if liveness is not None:
+            if _next_probe(connections, liveness, started, now) <= 0:
+                stuck = _probe(connections, liveness, started, now)
+                if stuck is not None:
+                    return stuck
+            wait = min(wait, max(0.0, _next_probe(connections, liveness, started, now)))
         try:
-            ready, _, _ = select.select([c.sock for c in connections], [], [], remaining)
+            ready, _, _ = select.select([c.sock for c in connections], [], [], wait)
         except (OSError, ValueError) as err:  # ValueError: a socket was closed under us
             broken = next((i for i, c in enumerate(connections) if c.is_closed), 0)
             return broken, ConnectionLost(f"connection to {connections[broken].address} lost: {err}")
@@ -327,6 +373,31 @@ def wait_for_first(connections: list[Connection], request_id, timeout: float) ->
             except OSError as err:
                 return index, connections[index]._broken(ConnectionLost(
                     f"connection to {connections[index].address} lost: {err}"))
+
+
+def _next_probe(connections: list[Connection], liveness: Liveness, started: float, now: float) -> float:
+    """Seconds until some connection is due a ping, or its ping is overdue."""
+    due = [c.probe_sent_at + liveness.answer_within if c.probe_id is not None
+           else max(c.heard_at, started) + liveness.probe_after for c in connections]
+    return min(due) - now
+
+
+def _probe(connections: list[Connection], liveness: Liveness, started: float,
+           now: float) -> tuple[int, Exception] | None:
+    """Ping the connections silent for `probe_after`; (index, Unresponsive) of one whose ping is overdue."""
+    for index, connection in enumerate(connections):
+        if connection.probe_id is not None:
+            if now - connection.probe_sent_at >= liveness.answer_within:
+                return index, connection._broken(Unresponsive(
+                    f"{connection.address} answered no ping within {liveness.answer_within:g}s "
+                    "(stopped, hung or cut off)"))
+        elif now - max(connection.heard_at, started) >= liveness.probe_after:
+            try:
+                connection.probe_id = connection.send({"type": "ping"}, timeout=liveness.answer_within)
+            except OSError as err:  # ConnectionLost included
+                return index, err
+            connection.probe_sent_at = now
+    return None
 
 
 class Responder:
