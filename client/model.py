@@ -181,9 +181,9 @@ class MeshModel:
             hidden = self.edges.embed(ids)
             for hop in self.swarm.route(0, self.swarm.num_layers):
                 try:
-                    span = RemoteSpan.connect(hop, options.connect_timeout)
+                    span = RemoteSpan.connect(hop, options.connect_timeout, options.liveness)
                     try:
-                        hidden = span.forward(hidden, options.request_timeout)
+                        hidden = span.forward(hidden, options.request_timeout, options.liveness)
                     finally:
                         span.connection.close()
                 except Exception as err:  # noqa: BLE001 - ban the donor and reroute the whole pass

@@ -8,7 +8,7 @@ import torch
 
 from mesh.protocol import Message, WireTensor
 from mesh.routing import Hop
-from mesh.transport import Connection, RemoteError
+from mesh.transport import Connection, Liveness, RemoteError
 
 
 class RemoteSpan:
@@ -24,21 +24,24 @@ class RemoteSpan:
         self.last_trace: list | None = None  # [received, sent] on the donor's clock, for traced steps
 
     @classmethod
-    def connect(cls, hop: Hop, timeout: float) -> "RemoteSpan":
+    def connect(cls, hop: Hop, timeout: float, liveness: Liveness | None = None) -> "RemoteSpan":
+        """Connect and ping. A frozen donor's kernel still completes the connection: only `liveness`
+        tells it from a loaded donor, which answers within a few of its batches."""
         host, port = hop.donor.host_port
         connection = Connection.open(host, port, timeout=timeout)
         started = time.perf_counter()
-        connection.request({"type": "ping"}, timeout=timeout)
+        connection.request({"type": "ping"}, timeout=timeout, liveness=liveness)
         return cls(hop, connection, time.perf_counter() - started)
 
-    def open_session(self, max_length: int, timeout: float) -> None:
+    def open_session(self, max_length: int, timeout: float, liveness: Liveness | None = None) -> None:
         reply = self.connection.request(
             {"type": "open", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end,
-             "max_length": max_length}, timeout=timeout)
+             "max_length": max_length}, timeout=timeout, liveness=liveness)
         self.session = reply.header["session"]
         self.position = 0
 
-    def step(self, hidden: torch.Tensor | WireTensor, timeout: float, trace: bool = False) -> WireTensor:
+    def step(self, hidden: torch.Tensor | WireTensor, timeout: float, trace: bool = False,
+             liveness: Liveness | None = None) -> WireTensor:
         """Run hidden [1, T, D] through this hop's session; its cache grows by T.
 
         The result stays in wire form: the next hop takes it as it is, and only the last one is
@@ -47,7 +50,7 @@ class RemoteSpan:
         header = {"type": "step", "session": self.session, "position": self.position}
         if trace:
             header["trace"] = True
-        reply = self.connection.request(header, [hidden], timeout=timeout)
+        reply = self.connection.request(header, [hidden], timeout=timeout, liveness=liveness)
         output = self.check_output(reply, hidden.shape)
         self.position += hidden.shape[1]
         compute_ms = reply.header.get("compute_ms", 0.0)
@@ -74,10 +77,10 @@ class RemoteSpan:
                                            f"{list(shape)} with {[w.spec for w in reply.wire]}")
         return reply.wire[0]
 
-    def forward(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, timeout: float, liveness: Liveness | None = None) -> torch.Tensor:
         reply = self.connection.request(
             {"type": "forward", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end},
-            [hidden], timeout=timeout)
+            [hidden], timeout=timeout, liveness=liveness)
         return reply.tensors[0]
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from client.remote import RemoteSpan
 from client.swarm import Swarm
 from mesh.protocol import WireTensor
 from mesh.routing import Hop, NoRouteError
-from mesh.transport import ConnectionLost, RemoteError, wait_for_first
+from mesh.transport import ConnectionLost, Liveness, RemoteError, wait_for_first
 
 log = logging.getLogger("mesh.client")
 RECOVERABLE = (ConnectionLost, RemoteError, TimeoutError, OSError)
@@ -43,6 +43,7 @@ class SessionConfig:
     recovery_deadline: float = 60.0  # to get one step through, failovers included
     forwarding: bool = True  # donors hand steps on to each other instead of through the client
     trace: bool = False  # donors time-stamp each step (RemoteSpan.last_trace; benchmarks/hop_latency.py)
+    liveness: Liveness = Liveness()  # how soon a donor that froze mid-step is given up (mesh/transport.py)
 
 
 class MeshSessionError(RuntimeError):
@@ -105,7 +106,7 @@ class RemoteSession:
             span = self.spans[index]
             started = time.perf_counter()
             try:
-                y = span.step(x, self.config.request_timeout, self.config.trace)
+                y = span.step(x, self.config.request_timeout, self.config.trace, self.config.liveness)
             except RECOVERABLE as err:
                 self._fail_over(span, err, deadline)
                 # Again from the first hop: a failover may have rebuilt the caches before this one.
@@ -133,14 +134,15 @@ class RemoteSession:
             started = time.perf_counter()
             try:
                 tag = spans[0].send_forwarded_step(hidden, spans[1:], timeout, self.config.trace)
-                index, outcome = wait_for_first([span.connection for span in spans], tag, timeout)
-            except TimeoutError as err:  # someone on the chain is slow: relaying finds out who
+                index, outcome = wait_for_first([span.connection for span in spans], tag, timeout,
+                                                self.config.liveness)
+            except TimeoutError as err:  # someone on the chain is slow (yet answers pings): relaying finds out who
                 log.warning("forwarded step timed out (%s); relaying it", err)
                 return None
             except RECOVERABLE as err:  # the first donor is gone
                 self._fail_over(spans[0], err, deadline)
                 continue
-            if isinstance(outcome, Exception):  # that donor's connection broke
+            if isinstance(outcome, Exception):  # that donor's connection broke, or the donor froze
                 self._fail_over(spans[index], outcome, deadline)
                 continue
             header = outcome.header
@@ -198,19 +200,23 @@ class RemoteSession:
         if self.failovers > self.config.max_failovers or time.monotonic() > deadline:
             raise MeshSessionError(f"giving up after {self.failovers} failovers; last error from "
                                    f"{failed.hop.donor.address} on layers {failed.hop.start}:{failed.hop.end}: {error}")
-        replacement = self._rebuild(failed.hop.start, failed.hop.end, deadline)
+        replacement = self._rebuild(failed.hop.start, failed.hop.end, deadline, avoid={failed.hop.donor.peer_id})
         index = self.spans.index(failed)  # found again: a nested failover may have changed the chain
         self.spans[index:index + 1] = replacement
         self.last_failover_seconds = time.monotonic() - started
 
-    def _rebuild(self, start: int, end: int, deadline: float) -> list[RemoteSpan]:
-        """New hops for [start, end) whose caches hold every token sent so far."""
+    def _rebuild(self, start: int, end: int, deadline: float, avoid: set[str]) -> list[RemoteSpan]:
+        """New hops for [start, end) whose caches hold every token sent so far. Donors that failed
+        during this recovery (`avoid`, which grows) are tried again only when no other donor routes:
+        their bans start short, and a frozen one costs seconds to find out again."""
         history = self._history_at(start, deadline) if self.position else None
         while True:
-            remaining = deadline - time.monotonic()
-            spans = self._connect_chain(start, end, timeout=max(0.0, remaining))
+            # As long as a new session waits for a route: a stream whose layers lost their last donor
+            # ends with that error then, not after the whole recovery deadline of silence.
+            remaining = min(deadline - time.monotonic(), self.swarm.route_timeout)
+            spans = self._connect_chain(start, end, timeout=max(0.0, remaining), avoid=avoid)
             try:
-                self._replay(spans, history)
+                self._replay(spans, history, avoid)
                 return spans
             except RECOVERABLE as err:
                 self.failovers += 1
@@ -230,36 +236,40 @@ class RemoteSession:
                 break
             span.position = 0
             try:
-                x = span.step(x, self.config.request_timeout)
+                x = span.step(x, self.config.request_timeout, liveness=self.config.liveness)
             except RECOVERABLE as err:
                 self._fail_over(span, err, deadline)  # bounded: each failover counts against the limit
                 return self._history_at(boundary, deadline)
             self.inputs[span.hop.end] = [x]
         return _as_torch(x)
 
-    def _replay(self, spans: list[RemoteSpan], history: torch.Tensor | None) -> None:
+    def _replay(self, spans: list[RemoteSpan], history: torch.Tensor | None, avoid: set[str]) -> None:
         """Run the session's past inputs through new hops; bans and closes them if one fails."""
         if history is None:
             return
         x = history
         for span in spans:
             try:
-                y = span.step(x, self.config.request_timeout)
+                y = span.step(x, self.config.request_timeout, liveness=self.config.liveness)
             except RECOVERABLE:
                 self.swarm.failed(span.hop.donor.peer_id)
+                avoid.add(span.hop.donor.peer_id)
                 _close_all(spans)
                 raise
             self.inputs[span.hop.start] = [x]
             x = y
 
-    def _connect_chain(self, start: int, end: int, timeout: float | None = None) -> list[RemoteSpan]:
-        """Route [start, end), connect to every hop and open a session on each; bans what fails."""
+    def _connect_chain(self, start: int, end: int, timeout: float | None = None,
+                       avoid: set[str] | None = None) -> list[RemoteSpan]:
+        """Route [start, end), connect to every hop and open a session on each; bans what fails
+        (and adds it to `avoid`, see _rebuild)."""
         deadline = time.monotonic() + (self.swarm.route_timeout if timeout is None else timeout)
+        avoid = set() if avoid is None else avoid
         last_error: Exception | None = None
         while True:
             try:
                 hops = self.swarm.route(start, end, min_free_tokens=self.config.max_length,
-                                        timeout=max(0.0, deadline - time.monotonic()))
+                                        timeout=max(0.0, deadline - time.monotonic()), avoid=avoid)
             except NoRouteError as err:
                 if last_error is None:
                     raise
@@ -267,19 +277,24 @@ class RemoteSession:
             spans: list[RemoteSpan] = []
             try:
                 for hop in hops:
-                    span = RemoteSpan.connect(hop, self.config.connect_timeout)
+                    span = RemoteSpan.connect(hop, self.config.connect_timeout, self.config.liveness)
                     spans.append(span)
-                    span.open_session(self.config.max_length, self.config.request_timeout)
+                    span.open_session(self.config.max_length, self.config.request_timeout, self.config.liveness)
                     self.swarm.succeeded(hop.donor.peer_id, span.rtt)
                 return spans
             except RECOVERABLE as err:
                 bad = hops[len(spans) - 1] if spans and spans[-1].session is None else hops[len(spans)]
                 self.swarm.failed(bad.donor.peer_id)
+                avoid.add(bad.donor.peer_id)
                 log.warning("cannot use donor %s: %s", bad.donor.address, err)
                 last_error = err
                 _close_all(spans)
                 if time.monotonic() > deadline:
-                    raise MeshSessionError(f"no working donors for layers {start}:{end}: {err}") from None
+                    # Donors are announced for these layers, yet none answered: to the user, as good as
+                    # none serving them (the same error and advice as when none is announced).
+                    raise NoRouteError(self.swarm.model_id, [(bad.start, bad.end)],
+                                       " that answers (the donors announced for them failed)",
+                                       f". The last one tried answered: {err}") from None
 
 
 def _as_torch(x: torch.Tensor | WireTensor) -> torch.Tensor:

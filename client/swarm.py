@@ -1,48 +1,89 @@
-"""The client's view of the swarm: donor records (from the DHT or a fixed list), measured round
+"""The client's view of the swarm: donor records (from the DHT), measured round
 trips, bans, and routes that wait a bounded time for missing layers to appear."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 
 from mesh.bans import BanList
+from mesh.dht import Announcement
 from mesh.records import DonorRecord
 from mesh.routing import Hop, NoRouteError, find_chain
+
+log = logging.getLogger("mesh.client")
 
 
 class Swarm:
     """Shared by every session of a client; safe to use from several threads."""
 
-    def __init__(self, model_id: str, num_layers: int, fetch: Callable[[], list[DonorRecord]],
-                 refresh_interval: float = 2.0, route_timeout: float = 10.0, bans: BanList | None = None):
+    def __init__(self, model_id: str, num_layers: int, fetch: Callable[[], list[Announcement]],
+                 refresh_interval: float = 2.0, route_timeout: float = 10.0, bans: BanList | None = None,
+                 clock: Callable[[], float] = time.time):
         self.model_id = model_id
         self.num_layers = num_layers
         self._fetch = fetch
+        self._clock = clock  # the DHT's clock, which announcements' expiration times are on
         self.refresh_interval = refresh_interval
         self.route_timeout = route_timeout
         self.bans = bans or BanList()
         self.rtt: dict[str, float] = {}
-        self._records: list[DonorRecord] = []
+        self._known: dict[str, Announcement] = {}  # peer id -> its latest announcement seen
         self._fetched_at = float("-inf")
+        self._refreshing = False  # a background read of the DHT is under way
         self._lock = threading.Lock()
 
     @classmethod
     def from_dht(cls, dht, model_id: str, num_layers: int, **kwargs) -> "Swarm":
-        from mesh.dht import fetch_records
+        from mesh.dht import dht_time, fetch_announcements
 
-        return cls(model_id, num_layers, lambda: fetch_records(dht, model_id), **kwargs)
+        return cls(model_id, num_layers, lambda: fetch_announcements(dht, model_id), clock=dht_time, **kwargs)
 
     def records(self, force: bool = False) -> list[DonorRecord]:
+        """Donors whose latest announcement seen has not expired or been withdrawn. `force`: read the
+        DHT first. Otherwise a read that is due runs in the background and this answers at once from
+        what is known: a DHT read waits seconds for a frozen peer, and a failover must not."""
+        if force or self._fetched_at == float("-inf"):
+            self._refresh()
+        elif time.monotonic() - self._fetched_at > self.refresh_interval:
+            with self._lock:
+                start = not self._refreshing
+                self._refreshing = True
+            if start:
+                threading.Thread(target=self._refresh, name="mesh-swarm-refresh", daemon=True).start()
         with self._lock:
-            if force or time.monotonic() - self._fetched_at > self.refresh_interval:
-                self._records = self._fetch()
-                self._fetched_at = time.monotonic()
-            return self._records
+            now = self._clock()
+            return [a.record for a in self._known.values() if a.record is not None and a.expires_at > now]
 
-    def route(self, start: int, end: int, min_free_tokens: int = 0, timeout: float | None = None) -> list[Hop]:
-        """The fastest chain over [start, end) now; waits up to `timeout` for donors to appear."""
+    def _refresh(self) -> None:
+        try:
+            announcements = self._fetch()
+        except Exception as err:  # noqa: BLE001 - a DHT being shut down, or a hiccup: keep what is known
+            log.debug("reading the DHT failed: %s", err)
+            announcements = []
+        with self._lock:
+            self._remember(announcements)
+            self._fetched_at = time.monotonic()
+            self._refreshing = False
+
+    def _remember(self, announcements: list[Announcement]) -> None:
+        """Merge a DHT read into what is known. A donor missing from one read stays until its last
+        announcement expires: reads come back incomplete, even empty, while some DHT peer is frozen
+        (mesh/dht.py), and forgetting every donor then would fail every route for nothing."""
+        for announcement in announcements:
+            known = self._known.get(announcement.peer_id)
+            if known is None or announcement.expires_at >= known.expires_at:
+                self._known[announcement.peer_id] = announcement
+        now = self._clock()
+        for peer_id in [p for p, a in self._known.items() if a.expires_at <= now]:
+            del self._known[peer_id]
+
+    def route(self, start: int, end: int, min_free_tokens: int = 0, timeout: float | None = None,
+              avoid: set[str] = frozenset()) -> list[Hop]:
+        """The fastest chain over [start, end) now; waits up to `timeout` for donors to appear.
+        Donors in `avoid` (peer ids that just failed this caller) are used only if nothing else routes."""
         deadline = time.monotonic() + (self.route_timeout if timeout is None else timeout)
         force = False
         while True:
@@ -51,8 +92,14 @@ class Swarm:
                 banned = self.bans.banned(time.monotonic())
                 rtt = dict(self.rtt)
             try:
-                return find_chain(self.model_id, records, start, end, rtt=rtt, banned=banned,
-                                  min_free_tokens=min_free_tokens)
+                try:
+                    return find_chain(self.model_id, records, start, end, rtt=rtt, banned=banned | avoid,
+                                      min_free_tokens=min_free_tokens)
+                except NoRouteError:
+                    if not avoid:
+                        raise
+                    return find_chain(self.model_id, records, start, end, rtt=rtt, banned=banned,
+                                      min_free_tokens=min_free_tokens)
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise

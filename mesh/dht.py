@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from mesh.records import MODELS_KEY, DonorRecord, ModelInfo, model_key
 
@@ -59,17 +60,34 @@ def withdraw(dht, record: DonorRecord) -> None:
     dht.store(model_key(record.model), subkey=record.peer_id, value=None, expiration_time=dht_time() + 60)
 
 
-def fetch_records(dht, model_id: str) -> list[DonorRecord]:
-    """Live donor records of a model; unreadable or withdrawn ones are skipped."""
+@dataclass(frozen=True)
+class Announcement:
+    """What one donor last stored under a model's key, and until when (DHT time) it holds."""
+
+    peer_id: str
+    record: DonorRecord | None  # None: withdrawn, or not a record this version can read
+    expires_at: float
+
+
+def fetch_announcements(dht, model_id: str) -> list[Announcement]:
+    """Every donor's entry under the model's key that the DHT returned. A read can come back
+    incomplete: while a peer of the DHT is frozen, lookups wait for it, time out, and return only
+    part of the entries, or none (client/swarm.py keeps what it saw until it expires)."""
     found = dht.get(model_key(model_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
-    records = []
+    announcements = []
     for peer_id, entry in found.value.items():
         record = DonorRecord.from_dict(getattr(entry, "value", None))
-        if record is not None and record.peer_id == peer_id:
-            records.append(record)
-    return records
+        if record is not None and record.peer_id != peer_id:
+            record = None
+        announcements.append(Announcement(peer_id, record, float(getattr(entry, "expiration_time", 0.0))))
+    return announcements
+
+
+def fetch_records(dht, model_id: str) -> list[DonorRecord]:
+    """Live donor records of a model; unreadable or withdrawn ones are skipped."""
+    return [a.record for a in fetch_announcements(dht, model_id) if a.record is not None]
 
 
 def fetch_models(dht) -> list[ModelInfo]:

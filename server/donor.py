@@ -89,6 +89,13 @@ class Donor:
             self.server.close()
 
 
+# How much longer than three heartbeats a record lives: while some peer of the DHT is frozen, each
+# store waits for it (about 3 s per call, two calls per beat), and a record must not lapse meanwhile
+# (measured: with 1 s beats and a 3 s lifetime, healthy donors vanished for 5-15 s at a time).
+SLOW_STORE_ALLOWANCE = 10.0
+WITHDRAW_TIMEOUT = 5.0  # a DHT that stopped answering (its process killed with ours) must not hang shutdown
+
+
 class Heartbeat:
     """Announces the donor's record every `interval` seconds from a thread (DHT calls block)."""
 
@@ -106,7 +113,8 @@ class Heartbeat:
         from mesh.dht import announce
 
         try:
-            announce(self.dht, self.donor.record(self.peer_id), self.num_layers, ttl=3 * self.interval)
+            announce(self.dht, self.donor.record(self.peer_id), self.num_layers,
+                     ttl=3 * self.interval + SLOW_STORE_ALLOWANCE)
         except Exception as err:  # a DHT hiccup must not kill a donor; the next beat retries
             log.warning("announcement failed: %s", err)
 
@@ -115,10 +123,20 @@ class Heartbeat:
             self.beat()
 
     def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=WITHDRAW_TIMEOUT)
+        # In a thread of its own, waited for a bounded time: when a signal went to the whole process
+        # group (systemd, `timeout`), the DHT's process is gone and a call into it never returns.
+        withdrawing = threading.Thread(target=self._withdraw, name="mesh-withdraw", daemon=True)
+        withdrawing.start()
+        withdrawing.join(WITHDRAW_TIMEOUT)
+        if withdrawing.is_alive():
+            log.warning("the DHT did not answer within %.0fs; the announcement will expire by itself",
+                        WITHDRAW_TIMEOUT)
+
+    def _withdraw(self) -> None:
         from mesh.dht import withdraw
 
-        self._stop.set()
-        self._thread.join(timeout=5)
         try:
             withdraw(self.dht, self.donor.record(self.peer_id))
         except Exception as err:
