@@ -103,6 +103,10 @@ class MeshModel:
         return cls(edges, swarm, dht, _try_tokenizer(ckpt.directory), **session_options)
 
     def inference_session(self, max_length: int) -> InferenceSession:
+        """A session for step-by-step use, with room for `max_length` tokens on every donor."""
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
+        self._check_context([], max_length)
         return InferenceSession(self, max_length)
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
@@ -127,6 +131,8 @@ class MeshModel:
         (None for the first), alternatives as many as `logprobs` asks.
         Closing the iterator (a client that went away) closes the donors' sessions at once.
         """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         self._check_context(ids, max_new_tokens)
         sampler = Sampler(params)
         stops = set(self._default_stops() if stop_tokens is None else stop_tokens)
@@ -158,6 +164,8 @@ class MeshModel:
             session.close()
 
     def _check_context(self, ids: list[int], max_new_tokens: int) -> None:
+        """Before any donor is asked: a request beyond the context would be refused by every donor,
+        and each refusal would ban a healthy donor for the client's mistake."""
         limit = self.context_length
         if limit and len(ids) + max_new_tokens > limit:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens; the prompt has "

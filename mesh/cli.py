@@ -26,17 +26,61 @@ def quiet_idle_openmp(environ=os.environ) -> None:
         environ["GOMP_SPINCOUNT"] = BURST_GOMP_SPINCOUNT
 
 
-def _env(name: str, default=None):
-    return os.environ.get(name, default)
-
-
 def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, default=None, **kwargs):
-    value = _env(env, default)
-    if kwargs.get("type") in (int, float) and isinstance(value, str):
-        value = kwargs["type"](value)
-    if (kwargs.get("action") == "append" or "nargs" in kwargs) and isinstance(value, str):
+    """An option with an environment variable. A variable's value is checked like the option's
+    (type, choices), but its error is reported only when the command runs (main), so that a bad
+    variable never breaks `--help`."""
+    value = os.environ.get(env)
+    if value is None:
+        value = default
+    elif kwargs.get("action") == "append" or "nargs" in kwargs:
         value = value.replace(",", " ").split()  # a list option's variable: comma or space separated
+    else:
+        value = _from_environment(env, value, kwargs.get("type"), kwargs.get("choices"))
     parser.add_argument(flag, default=value, help=f"{help} [env: {env}]", **kwargs)
+
+
+class BadVariable:
+    """The default of an option whose environment variable does not parse; an error if it is used
+    (the option was not given on the command line)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _from_environment(env: str, text: str, convert, choices):
+    try:
+        value = convert(text) if convert else text
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        return BadVariable(f"{env}={text!r}: {err}")
+    if choices is not None and value not in choices:
+        return BadVariable(f"{env}={text!r}: choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def positive(convert):
+    """An argparse type: `convert` (int or float) of a value above zero."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = f"positive {convert.__name__}"
+    return parse
+
+
+def port(text):
+    """An argparse type: a TCP port, 0 for any free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {value}")
+    return value
 
 
 def _add_check(subparsers) -> None:
@@ -46,13 +90,15 @@ def _add_check(subparsers) -> None:
                     "and compare logits and tokens with transformers. Without --model, the embedded demo "
                     "model is built (once, cached) so the check works offline.")
     _option(parser, "--model", "MESH_MODEL", "local model directory or hub id (default: embedded tiny model)")
-    _option(parser, "--shards", "MESH_CHECK_SHARDS", "split the layers evenly into this many shards", 2, type=int)
+    _option(parser, "--shards", "MESH_CHECK_SHARDS", "split the layers evenly into this many shards", 2,
+            type=positive(int))
     _option(parser, "--splits", "MESH_CHECK_SPLITS", "explicit half-open layer ranges, e.g. 0:3,3:6")
     _option(parser, "--device", "MESH_DEVICE", "auto, cuda[:N], rocm[:N], mps or cpu", "auto")
     _option(parser, "--dtype", "MESH_DTYPE", "auto, bfloat16, float16 or float32", "auto")
     _option(parser, "--quant", "MESH_QUANT", "quantize the shards' weights: int8 or nf4", choices=["int8", "nf4"])
-    _option(parser, "--new-tokens", "MESH_CHECK_NEW_TOKENS", "tokens to generate", 16, type=int)
-    parser.add_argument("--no-compare", action="store_true", help="skip the comparison with transformers")
+    _option(parser, "--new-tokens", "MESH_CHECK_NEW_TOKENS", "tokens to generate", 16, type=positive(int))
+    _option(parser, "--no-compare", "MESH_CHECK_NO_COMPARE", "skip the comparison with transformers (any "
+            "non-empty value)", action="store_true")
     parser.set_defaults(run=_run_check)
 
 
@@ -111,7 +157,7 @@ def _add_dht(subparsers) -> None:
                                    description="Run a DHT node and print the addresses others join with "
                                                "(pass them as --initial-peers).")
     _option(parser, "--host", "MESH_DHT_HOST", "interface to listen on", "0.0.0.0")
-    _option(parser, "--port", "MESH_DHT_PORT", "TCP port (0 picks a free one)", 0, type=int)
+    _option(parser, "--port", "MESH_DHT_PORT", "TCP port (0 picks a free one)", 0, type=port)
     _option(parser, "--announce-host", "MESH_DHT_ANNOUNCE_HOST", "public IP to announce, if behind NAT")
     _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "other DHT nodes to join (space separated)",
             nargs="*")
@@ -163,22 +209,23 @@ def _add_serve(subparsers) -> None:
     _option(parser, "--dtype", "MESH_DTYPE", "auto, bfloat16, float16 or float32", "auto")
     _option(parser, "--quant", "MESH_QUANT", "quantize weights: int8 or nf4", choices=["int8", "nf4"])
     _option(parser, "--host", "MESH_HOST", "interface for the data plane and DHT", "0.0.0.0")
-    _option(parser, "--port", "MESH_PORT", "data-plane TCP port (0 picks a free one)", 0, type=int)
-    _option(parser, "--dht-port", "MESH_DHT_PORT", "DHT TCP port (0 picks a free one)", 0, type=int)
+    _option(parser, "--port", "MESH_PORT", "data-plane TCP port (0 picks a free one)", 0, type=port)
+    _option(parser, "--dht-port", "MESH_DHT_PORT", "DHT TCP port (0 picks a free one)", 0, type=port)
     _option(parser, "--public-address", "MESH_PUBLIC_ADDRESS", "host or IP others dial for the data plane")
-    _option(parser, "--cache-tokens", "MESH_CACHE_TOKENS", "KV cache budget in tokens of the whole range", type=int)
-    _option(parser, "--cache-bytes", "MESH_CACHE_BYTES", "KV cache budget in bytes", type=int)
+    _option(parser, "--cache-tokens", "MESH_CACHE_TOKENS", "KV cache budget in tokens of the whole range",
+            type=positive(int))
+    _option(parser, "--cache-bytes", "MESH_CACHE_BYTES", "KV cache budget in bytes", type=positive(int))
     _option(parser, "--idle-timeout", "MESH_IDLE_TIMEOUT", "close sessions idle this many seconds", 300.0,
-            type=float)
+            type=positive(float))
     _option(parser, "--announce-interval", "MESH_ANNOUNCE_INTERVAL", "seconds between DHT heartbeats", 10.0,
-            type=float)
-    _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=int)
+            type=positive(float))
+    _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=positive(int))
     _option(parser, "--prefill-chunk-tokens", "MESH_PREFILL_CHUNK_TOKENS", "a longer prompt runs in pieces of "
             "this many tokens, with other sessions' decode steps in between (bounds its working memory); "
             "new prompts beyond this many tokens wait for the next batch of decode steps", 512,
-            type=int)
+            type=positive(int))
     _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
-            "when several processes run on one machine)", type=int)
+            "when several processes run on one machine)", type=positive(int))
     parser.set_defaults(run=_run_serve)
 
 
@@ -196,10 +243,6 @@ def _run_serve(args) -> int:
         port=args.port, public_address=args.public_address, dht_port=args.dht_port, cache_tokens=args.cache_tokens,
         cache_bytes=args.cache_bytes, idle_timeout=args.idle_timeout, announce_interval=args.announce_interval,
         max_batch=args.max_batch, prefill_chunk_tokens=args.prefill_chunk_tokens, torch_threads=args.torch_threads)
-    if options.prefill_chunk_tokens < 1:
-        print(f"mesh serve: --prefill-chunk-tokens must be at least 1, got {options.prefill_chunk_tokens}",
-              file=sys.stderr)
-        return 2
     try:
         return serve(options)
     except ShardError as err:
@@ -208,7 +251,10 @@ def _run_serve(args) -> int:
 
 
 def _add_status(subparsers) -> None:
-    parser = subparsers.add_parser("status", help="show models, donors, their ranges and uncovered layers")
+    parser = subparsers.add_parser("status", help="show models, donors, their ranges and uncovered layers",
+                                   description="Join the swarm's DHT as a client and print, per model, its "
+                                               "donors (range, address, backend, dtype, throughput, free "
+                                               "cache) and the layers no donor serves.")
     _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "DHT addresses to join", nargs="*")
     _option(parser, "--model", "MESH_MODEL", "only this model (swarm name)")
     parser.set_defaults(run=_run_status)
@@ -219,13 +265,23 @@ def _run_status(args) -> int:
     from mesh.records import ModelInfo, model_id_for
     from mesh.status import format_status
 
-    dht = start_dht(_peers(args.initial_peers), client_mode=True)
+    peers = _peers(args.initial_peers)
+    if not peers:
+        print("mesh status: give --initial-peers (or MESH_INITIAL_PEERS): the address of a DHT node of the "
+              "swarm, as `mesh dht` printed it", file=sys.stderr)
+        return 2
+    dht = start_dht(peers, client_mode=True)
     try:
         models = fetch_models(dht)
         if args.model:
             wanted = model_id_for(args.model)
+            known = [m.model for m in models]
             models = [m for m in models if m.model == wanted] or [ModelInfo(wanted, 0)]
         records = {m.model: fetch_records(dht, m.model) for m in models}
+        if args.model and not records[wanted]:
+            print(f"mesh status: no donor announces {wanted!r} in this swarm; announced: "
+                  f"{', '.join(known) or 'none'}", file=sys.stderr)
+            return 1
         models = [m if m.num_layers else ModelInfo(m.model, max((r.end for r in records[m.model]), default=0))
                   for m in models]
         print(format_status(models, records))
@@ -242,15 +298,16 @@ def _add_gateway(subparsers) -> None:
             "the embedding/head weights are read here)")
     _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "DHT addresses to join", nargs="*")
     _option(parser, "--host", "MESH_GATEWAY_HOST", "interface to listen on", "127.0.0.1")
-    _option(parser, "--port", "MESH_GATEWAY_PORT", "HTTP port (0 picks a free one)", 8000, type=int)
+    _option(parser, "--port", "MESH_GATEWAY_PORT", "HTTP port (0 picks a free one)", 8000, type=port)
     _option(parser, "--api-key", "MESH_API_KEYS", "require this bearer key (repeatable; env: comma separated)",
             action="append")
     _option(parser, "--served-model-name", "MESH_SERVED_MODEL_NAME", "the model id clients send "
             "(default: the swarm name of --model)")
     _option(parser, "--model-name", "MESH_MODEL_NAME", "name of the model in the swarm, if not derived from --model")
-    _option(parser, "--max-concurrency", "MESH_MAX_CONCURRENCY", "generations run at once", 64, type=int)
+    _option(parser, "--max-concurrency", "MESH_MAX_CONCURRENCY", "generations run at once", 64,
+            type=positive(int))
     _option(parser, "--route-timeout", "MESH_ROUTE_TIMEOUT", "seconds to wait for a route before answering 503",
-            5.0, type=float)
+            5.0, type=positive(float))
     parser.set_defaults(run=_run_gateway)
 
 
@@ -274,8 +331,9 @@ def _add_up(subparsers) -> None:
                                                "them all. Without --model, a small embedded demo model is built "
                                                "(once, cached) so this works offline.")
     _option(parser, "--model", "MESH_MODEL", "hub id or local directory (default: the embedded demo model)")
-    _option(parser, "--donors", "MESH_UP_DONORS", "number of donors to split the layers between", 2, type=int)
-    _option(parser, "--port", "MESH_GATEWAY_PORT", "gateway HTTP port (0 picks a free one)", 8000, type=int)
+    _option(parser, "--donors", "MESH_UP_DONORS", "number of donors to split the layers between", 2,
+            type=positive(int))
+    _option(parser, "--port", "MESH_GATEWAY_PORT", "gateway HTTP port (0 picks a free one)", 8000, type=port)
     _option(parser, "--served-model-name", "MESH_SERVED_MODEL_NAME", "model id for clients (default: the "
             "model's swarm name)")
     _option(parser, "--ask", "MESH_UP_ASK", "send this chat message through the gateway, print the answer, "
@@ -323,7 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
-    return args.run(args)
+    bad = [value.message for value in vars(args).values() if isinstance(value, BadVariable)]
+    if bad:
+        parser.error(f"bad environment variable: {'; '.join(bad)}")
+    from mesh.dht import DHTError
+
+    try:
+        return args.run(args)
+    except (DHTError, OSError) as err:  # the machine or the network, not the program: one line, no traceback
+        print(f"mesh {args.command}: {err.strerror if isinstance(err, OSError) and err.strerror else err}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

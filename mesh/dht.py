@@ -7,7 +7,9 @@ expiration time, so a donor that dies silently disappears once its last heartbea
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -19,9 +21,44 @@ def quiet_hivemind_logs() -> None:
     logging.getLogger("hivemind").setLevel(logging.WARNING)
 
 
+class DHTError(RuntimeError):
+    """The DHT node could not start: a malformed address, peers that do not answer, a port in use, an
+    unusable identity file. Its message says which, for people."""
+
+
 def start_dht(initial_peers: list[str] | None = None, host: str = "0.0.0.0", port: int = 0,
               client_mode: bool = False, identity_path: str | None = None, announce_host: str | None = None):
     """A running DHT node. `client_mode` nodes can read and write but do not serve others' records."""
+    from mesh.listener import ensure_port_free
+
+    if not client_mode:
+        try:
+            ensure_port_free(host, port, "the DHT")
+        except OSError as err:
+            in_use = err.errno == errno.EADDRINUSE
+            raise DHTError(err.strerror if in_use else f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        return _start_hivemind_dht(initial_peers, host, port, client_mode, identity_path, announce_host)
+    except (OSError, ValueError) as err:
+        raise DHTError(f"cannot start the DHT node: {err}") from None
+    except Exception as err:
+        if type(err).__name__ != "P2PDaemonError":  # hivemind's, not imported here for one isinstance
+            raise
+        raise DHTError(_daemon_failure(str(err))) from None
+
+
+def _daemon_failure(message: str) -> str:
+    """The libp2p daemon's complaint without its prefix and time stamp, and what to do about it."""
+    reason = re.sub(r"^Daemon failed to start:\s*(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\s*)?", "", message.strip())
+    if "failed to connect to bootstrap peers" in reason:
+        return ("none of the initial peers answered: check the addresses (as `mesh dht` printed them) and "
+                "that the node behind them runs and can be reached")
+    if "multiaddr" in reason:
+        return f"a malformed address ({reason}); addresses look like /ip4/1.2.3.4/tcp/31337/p2p/Qm..."
+    return f"cannot start the DHT node: {reason}"
+
+
+def _start_hivemind_dht(initial_peers, host, port, client_mode, identity_path, announce_host):
     import hivemind
 
     quiet_hivemind_logs()

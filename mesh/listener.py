@@ -13,6 +13,7 @@ the same turn makes each one wait a few turns, however many arrive together:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -111,3 +112,21 @@ def listen(host: str, port: int, protocol_factory: Callable[[], asyncio.BaseProt
     except BaseException:
         sock.close()
         raise
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    """Raise OSError(EADDRINUSE) with a message for people if something listens on host:port already.
+    Checked before slow work (loading a model), and for the DHT, whose libp2p daemon would share
+    the port with another (it sets SO_REUSEPORT) and split the peers that join between the two."""
+    if not port:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, f"{what} port {port} is already in use on {host}: "
+                                                    "stop what uses it, or choose another port (0 picks a free one)")
+                raise

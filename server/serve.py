@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mesh.dht import fetch_records, start_dht, visible_addresses
+from mesh.listener import ensure_port_free
 from mesh.placement import choose_range
 from mesh.records import model_id_for
 from mesh.transport import install_fast_event_loop
@@ -95,6 +96,7 @@ def serve(opts: ServeOptions) -> int:
     return_large_buffers_to_the_system()
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
+    ensure_port_free(opts.host, opts.port, "the data-plane")  # before minutes of loading, not after
     ckpt = open_checkpoint(opts.model, opts.revision)
     config = ckpt.load_config()
     model_id = opts.model_name or model_id_for(opts.model)

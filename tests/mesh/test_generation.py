@@ -67,6 +67,21 @@ def test_seeded_sampling_equals_the_local_sampler(mesh_model, model_dir):
     assert other_seed != remote  # the seed matters
 
 
+def test_bad_lengths_are_refused_before_any_donor_is_asked(mesh_model):
+    import time
+
+    from client import ContextLengthError
+
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer, got -3"):
+        mesh_model.generate([1, 2, 3], max_new_tokens=-3)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_length must be a positive number of tokens, got {bad}"):
+            mesh_model.inference_session(max_length=bad)
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        mesh_model.inference_session(max_length=10**9)
+    assert not mesh_model.swarm.bans.banned(time.monotonic())  # no donor paid for the caller's mistake
+
+
 def test_stop_tokens_end_generation(mesh_model):
     prompt = random_prompt(8)[0].tolist()
     full = mesh_model.generate(prompt, max_new_tokens=10, stop_tokens=[])
@@ -134,6 +149,11 @@ def test_status_shows_the_three_ranges(swarm):
     assert "6 layers, 3 donor(s), all layers served" in out.stdout
     for r in RANGES:
         assert f"\n  {r} " in out.stdout
+    unknown = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--model", "no-such-model",
+                              "--initial-peers", *swarm.initial_peers], capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert "mesh status: no donor announces 'no-such-model' in this swarm; announced: llama-model" in unknown.stderr
 
 
 def donor_info(port: int) -> dict:

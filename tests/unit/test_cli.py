@@ -80,9 +80,54 @@ def test_list_options_from_the_environment_combine_with_flags(monkeypatch):
     assert args.initial_peers == ["/ip4/1.2.3.4/tcp/1/p2p/A", "/ip4/5.6.7.8/tcp/2/p2p/B"]
 
 
-def test_serve_refuses_a_prefill_piece_of_no_tokens(capsys, monkeypatch):
-    from mesh.cli import main
+@pytest.mark.parametrize("flag, value, message", [
+    ("--prefill-chunk-tokens", "0", "must be above 0, got 0"),
+    ("--announce-interval", "0", "must be above 0, got 0"),  # a record that expires as it is stored
+    ("--cache-tokens", "-5", "must be above 0, got -5"),
+    ("--torch-threads", "-2", "must be above 0, got -2"),
+    ("--port", "70000", "a port is between 0 and 65535, got 70000"),
+])
+def test_serve_refuses_values_that_would_leave_a_broken_donor(flag, value, message):
+    out = run_mesh("serve", "--model", "some/model", flag, value)
+    assert out.returncode == 2 and f"argument {flag}: {message}" in out.stderr
 
-    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # main would set it in this process's environment
-    assert main(["serve", "--model", "some/model", "--prefill-chunk-tokens", "0"]) == 2
-    assert "--prefill-chunk-tokens must be at least 1, got 0" in capsys.readouterr().err
+
+def test_a_bad_environment_variable_is_named_when_used_and_never_breaks_help():
+    import os
+
+    env = {**os.environ, "MESH_PORT": "abc", "MESH_QUANT": "int4"}
+    assert run_mesh("--help", env=env).returncode == 0
+    assert run_mesh("serve", "--help", env=env).returncode == 0
+    out = run_mesh("serve", "--model", "some/model", env=env)
+    assert out.returncode == 2
+    assert "MESH_PORT='abc': not a port number: 'abc'" in out.stderr
+    assert "MESH_QUANT='int4': choose one of int8, nf4" in out.stderr
+    out = run_mesh("serve", "--model", str(ROOT / "no-such-model"), "--port", "0", "--quant", "int8", env=env)
+    assert "environment variable" not in out.stderr  # the command line overrides both variables
+
+
+def test_ports_in_use_are_one_line_errors_before_any_loading():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        serve = run_mesh("serve", "--model", "no-such-model", "--host", "127.0.0.1", "--port", port)
+        dht = run_mesh("dht", "--host", "127.0.0.1", "--port", port)
+    assert serve.returncode == 2 and serve.stderr.strip() == (
+        f"mesh serve: the data-plane port {port} is already in use on 127.0.0.1: stop what uses it, or choose "
+        "another port (0 picks a free one)")
+    assert dht.returncode == 2 and f"mesh dht: the DHT port {port} is already in use" in dht.stderr
+    assert "Traceback" not in serve.stderr + dht.stderr
+
+
+def test_dht_failures_are_one_line_errors():
+    no_peers = run_mesh("status")
+    assert no_peers.returncode == 2 and "mesh status: give --initial-peers" in no_peers.stderr
+    malformed = run_mesh("status", "--initial-peers", "garbage", timeout=120)
+    assert malformed.returncode == 2 and "Traceback" not in malformed.stderr
+    assert malformed.stderr.startswith('mesh status: a malformed address (failed to parse multiaddr "garbage"')
+    identity = run_mesh("dht", "--host", "127.0.0.1", "--identity", str(ROOT / "no-such-dir" / "key"), timeout=120)
+    assert identity.returncode == 2 and "Traceback" not in identity.stderr
+    assert "mesh dht: cannot start the DHT node: The directory" in identity.stderr
