@@ -102,3 +102,20 @@ def test_missing_layers_fail_fast_with_their_names(swarm, model_dir):
     assert "no donor serves layers 2:4 of" in str(err.value)
     assert "mesh serve --model" in str(err.value) and "--layers 2:4" in str(err.value)
     assert elapsed < 20
+
+
+def test_losing_the_last_donor_of_a_range_mid_generation_fails_within_the_route_timeout(local_swarm, model_dir):
+    """Not after the whole recovery deadline of silence: a streamed answer ends with the error soon."""
+    lone = local_swarm(model_dir("llama"), ["0:3", "3:6"])
+    with MeshModel.from_pretrained(str(model_dir("llama")), initial_peers=lone.initial_peers, route_timeout=3,
+                                   recovery_deadline=60) as model:
+        tokens = model.stream([1, 2, 3], max_new_tokens=32, stop_tokens=[])
+        next(tokens)
+        lone.donors[1].process.kill()
+        started = time.monotonic()
+        with pytest.raises(NoRouteError) as err:
+            list(tokens)
+        elapsed = time.monotonic() - started
+    print(f"\nerror {elapsed:.1f}s after the last donor of 3:6 died")
+    assert err.value.missing == [(3, 6)]
+    assert elapsed < 20  # the route timeout (3 s) and a failover; the recovery deadline is 60 s
