@@ -242,10 +242,11 @@ class Connection:
                 if isinstance(reply, Exception):
                     raise reply
         except TimeoutError as err:
-            self._broken(ConnectionLost(f"no reply from {self.address} within {timeout:g}s"))
+            waited = "" if timeout is None else f" within {timeout:g}s"
+            self._broken(ConnectionLost(f"no reply from {self.address}{waited}"))
             if isinstance(err, Unresponsive):
                 raise
-            raise TimeoutError(f"no reply from {self.address} within {timeout:g}s") from None
+            raise TimeoutError(f"no reply from {self.address}{waited}") from None
         except OSError as err:
             raise self._broken(ConnectionLost(f"connection to {self.address} lost: {err}")) from None
         if reply.type == "error":

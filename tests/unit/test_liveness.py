@@ -65,10 +65,11 @@ def frozen_peer():
         yield listener.getsockname()[1]
 
 
-def test_a_frozen_peer_is_given_up_after_an_unanswered_ping(frozen_peer):
+@pytest.mark.parametrize("timeout", [PATIENT_TIMEOUT, None])
+def test_a_frozen_peer_is_given_up_after_an_unanswered_ping(frozen_peer, timeout):
     connection = Connection.open("127.0.0.1", frozen_peer)
     with pytest.raises(Unresponsive, match=r"answered no ping within 0.3s"):
-        connection.request({"type": "work"}, timeout=PATIENT_TIMEOUT, liveness=QUICK)
+        connection.request({"type": "work"}, timeout=timeout, liveness=QUICK)
     assert connection.is_closed  # a reply may still be owed on it: never reused
 
 
