@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from mesh.transport import Connection, ConnectionLost, start_server
+from tests.unit.server_thread import ServerThread
 
 CLIENTS = 48
 ROOM_IN_TURNS = 4  # accept, set the transport up, read: a few turns, however many clients came
@@ -21,34 +22,21 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-class TurnCountingServer:
+class TurnCountingServer(ServerThread):
     """A server whose loop counts its turns (a callback that reschedules itself, as the donor's
     batches do) and answers each ping with the turn it was handled in. The first turn blocks until
     `open_gate()`, so that clients can queue up in the kernel meanwhile, as they do behind a batch."""
 
     def __init__(self, kind: str):
-        self.loop = new_loop(kind)
+        super().__init__(new_loop(kind))
         self.turn = 0
         self.gate = threading.Event()
         self.gate_turn: int | None = None
-        self.ready = threading.Event()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc):
+    def stop(self):
         self.gate.set()
         self.stopping = True
-        self.thread.join(10)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-        self.loop.close()
 
     async def _main(self):
         def ping(message, connection, respond):

@@ -6,38 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 
 import pytest
 
 from mesh.transport import Connection, Liveness, Unresponsive, start_server, wait_for_first
+from tests.unit.server_thread import ServerThread
 
 QUICK = Liveness(probe_after=0.05, answer_within=0.3)
 PATIENT_TIMEOUT = 20.0  # a request timeout far beyond what these tests should ever wait
 
 
-class SlowServer:
+class SlowServer(ServerThread):
     """Answers pings at once and a "work" request after `work_seconds`, on its own event loop."""
 
     def __init__(self, work_seconds: float):
+        super().__init__(asyncio.new_event_loop())
         self.work_seconds = work_seconds
         self.pings = 0
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
-
-    def _run(self):
-        self.loop.run_until_complete(self._main())
-        self.loop.close()
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
 
     async def _main(self):
         def handle(message, connection, respond):
@@ -47,11 +35,11 @@ class SlowServer:
             else:
                 self.loop.call_later(self.work_seconds, respond.ok, {"type": "done"})
 
-        self.stop = asyncio.Event()
+        self.stopped = asyncio.Event()
         server = await start_server(handle, "127.0.0.1", 0, lambda connection: None)
         self.port = server.sockets[0].getsockname()[1]
         self.ready.set()
-        await self.stop.wait()
+        await self.stopped.wait()
         server.close()
 
 
