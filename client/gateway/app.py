@@ -78,9 +78,8 @@ def validation_error_body(errors) -> dict:
     param = ".".join(path) or None
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if tag is not None:  # every member of the union failed: say what the field takes
-        taken = [t for t in dict.fromkeys(_field_path(e.get("loc", ()))[1] for e in errors
-                                          if _field_path(e.get("loc", ()))[0] == path) if t]
-        message = f"expected {' or '.join(taken)}"
+        tried = (_field_path(e.get("loc", ())) for e in errors)
+        message = "expected " + " or ".join(dict.fromkeys(t for p, t in tried if p == path and t))
     return error_body(f"Invalid value for {param or 'request'}: {message}", "invalid_request_error", param,
                       "invalid_value")
 
