@@ -162,7 +162,8 @@ def _add_dht(subparsers) -> None:
     _option(parser, "--initial-peers", "MESH_INITIAL_PEERS", "other DHT nodes to join (space separated)",
             nargs="*")
     _option(parser, "--identity", "MESH_DHT_IDENTITY",
-            "file holding this node's private key, so its address survives restarts (created if absent)")
+            "file holding this node's private key, so its peer id (and, with a fixed --port, its address) "
+            "survives restarts (created if absent)")
     _option(parser, "--address-file", "MESH_DHT_ADDRESS_FILE",
             "also write the join addresses to this file (others can pass --initial-peers @FILE)")
     parser.set_defaults(run=_run_dht)
