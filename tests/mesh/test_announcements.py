@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -68,3 +69,33 @@ def test_a_donor_whose_whole_process_group_is_signalled_still_exits(local_swarm,
     except subprocess.TimeoutExpired:
         pytest.fail("the donor still runs 30 s after SIGTERM to its process group:\n" + donor.process.output())
     assert "the DHT did not answer" in donor.process.output() or "shutting down" in donor.process.output()
+
+
+def test_a_donor_killed_alone_takes_its_dht_process_and_daemon_along(local_swarm, model_dir):
+    """SIGKILL (or the OOM killer) to the donor's process only: its DHT process and the libp2p
+    daemon that one started must not run on, holding their ports."""
+    import os
+    import signal
+
+    donor = local_swarm(model_dir("llama"), ["0:6"]).donors[0]
+    group = donor.process.pid  # the donor leads its own process group (mesh/launcher.py)
+    os.kill(donor.process.pid, signal.SIGKILL)
+    donor.process.popen.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while group_members(group):
+        assert time.monotonic() < deadline, f"still running 20 s after the donor died: {group_members(group)}"
+        time.sleep(0.2)
+
+
+def group_members(group: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":  # field 5 of stat: the process group
+                members.append(int(entry))
+    return members
