@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -77,52 +74,10 @@ def _start_hivemind_dht(initial_peers, host, port, client_mode, identity_path, a
     # as long as it: it can die with that process. A client's may be started from any thread, and the
     # kernel's parent-death signal follows the starting thread, not the process.
     if not client_mode and threading.current_thread() is threading.main_thread():
-        return _dying_with_its_parent(hivemind.DHT)(**kwargs)
+        from mesh.lifetime import dying_with_its_parent
+
+        return dying_with_its_parent(hivemind.DHT)(**kwargs)
     return hivemind.DHT(**kwargs)
-
-
-def _dying_with_its_parent(dht_class):
-    class DHT(dht_class):
-        """hivemind's DHT process, which also stops, with the libp2p daemon it started, when the
-        process that started it dies, even by SIGKILL or the OOM killer: left alone, both would run
-        on, holding their ports."""
-
-        def run(self):
-            _stop_with_parent()
-            super().run()
-
-    return DHT
-
-
-def _stop_with_parent() -> None:
-    """In the DHT's process, on Linux: SIGTERM when the parent dies, and on SIGTERM, stop its own
-    children (the libp2p daemon) and exit."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    signal.signal(signal.SIGTERM, _stop_children_and_exit)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() == 1:  # the parent died before the line above
-        _stop_children_and_exit()
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _stop_children_and_exit(*_) -> None:
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                children = [int(pid) for pid in f.read().split()]
-        except OSError:
-            continue
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    os._exit(0)
 
 
 def visible_addresses(dht) -> list[str]:

@@ -68,7 +68,6 @@ def test_a_donor_whose_whole_process_group_is_signalled_still_exits(local_swarm,
         assert donor.process.popen.wait(timeout=30) == 0
     except subprocess.TimeoutExpired:
         pytest.fail("the donor still runs 30 s after SIGTERM to its process group:\n" + donor.process.output())
-    assert "the DHT did not answer" in donor.process.output() or "shutting down" in donor.process.output()
 
 
 def test_a_donor_killed_alone_takes_its_dht_process_and_daemon_along(local_swarm, model_dir):
