@@ -38,6 +38,12 @@ def parse_layers(spec: str | tuple[int, int] | None, num_layers: int) -> tuple[i
             raise LayerRangeError(f"layer range {spec!r} must be two integers START:END") from None
     else:
         start, end = spec
+    if start >= end:
+        raise LayerRangeError(
+            f"layer range [{start}, {end}) is empty: the start must be less than the end "
+            f"(half-open, e.g. {min(start, end)}:{max(start, end) + (start == end)} serves layers "
+            f"{min(start, end)}..{max(start, end) - (start != end)})"
+        )
     if not 0 <= start < end <= num_layers:
         raise LayerRangeError(
             f"layer range [{start}, {end}) is outside the model, which has {num_layers} layers "

@@ -161,7 +161,8 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
 
 @pytest.mark.parametrize("layers, expected", [
     ("4:9", r"layer range \[4, 9\) is outside the model, which has 6 layers"),
-    ("3:3", r"layer range \[3, 3\) is outside the model"),
+    ("3:3", r"layer range \[3, 3\) is empty: the start must be less than the end \(half-open, e\.g\. 3:4 serves layers 3\.\.3\)"),
+    ("5:2", r"layer range \[5, 2\) is empty: the start must be less than the end \(half-open, e\.g\. 2:5 serves layers 2\.\.4\)"),
     ("-1:2", r"layer range \[-1, 2\) is outside the model"),
     ("2-4", r"must look like START:END"),
     ("a:b", r"must be two integers START:END"),
