@@ -43,8 +43,12 @@ def serve(options: GatewayOptions) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            # Shut down gracefully, without uvicorn re-raising the signal afterwards: that would kill
-            # the process before the cleanup below closes the DHT node and the donors' sessions.
+            # The first signal drains: streams in flight finish, then the cleanup below closes the DHT
+            # node and the donors' sessions. Unlike uvicorn's own handler this does not re-raise the
+            # signal afterwards, which would kill the process before that cleanup. A second signal
+            # (Ctrl-C again) stops waiting for the streams; the cleanup still runs.
+            if self.should_exit:
+                self.force_exit = True
             self.should_exit = True
 
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", loop="asyncio")

@@ -1,6 +1,10 @@
-"""`mesh gateway` as a process: it starts, serves, and stops on SIGTERM."""
+"""`mesh gateway` as a process: it starts, serves, and stops on SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import httpx
 
@@ -21,3 +25,28 @@ def test_mesh_gateway_command(demo_swarm, demo_model):
     finally:
         swarm.stop()
     assert process.popen.returncode == 0  # SIGTERM: a clean shutdown
+
+
+def test_second_interrupt_stops_the_gateway_without_waiting_for_streams(demo_swarm, demo_model):
+    """Ctrl-C drains the streams in flight; Ctrl-C again stops at once (still exit code 0)."""
+    swarm = LocalSwarm(ready_timeout=120)
+    swarm.initial_peers = demo_swarm.initial_peers
+    try:
+        process, base_url = swarm.start_gateway(str(demo_model), 0, "--served-model-name", "demo")
+        request = {"model": "demo", "prompt": "Hello", "max_tokens": 2000, "temperature": 0, "stream": True}
+        lines = []
+        with httpx.stream("POST", base_url + "/completions", json=request, timeout=60) as reply:
+            chunks = reply.iter_lines()
+            lines.append(next(line for line in chunks if line.startswith("data:")))
+            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+            time.sleep(0.5)
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                lines.extend(chunks)
+            except httpx.HTTPError:
+                pass  # the connection went down mid-stream
+        process.popen.wait(timeout=10)
+    finally:
+        swarm.stop()
+    assert process.popen.returncode == 0
+    assert "data: [DONE]" not in lines  # the stream did not run to its end first
