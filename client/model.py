@@ -99,7 +99,7 @@ class MeshModel:
         edges = load_edges(ckpt, device=device, dtype=dtype)
         dht = start_dht(initial_peers, client_mode=True)
         swarm = Swarm.from_dht(dht, model_name or model_id_for(model), edges.config.num_hidden_layers,
-                               route_timeout=route_timeout)
+                               route_timeout=route_timeout, fingerprint=ckpt.fingerprint())
         return cls(edges, swarm, dht, _try_tokenizer(ckpt.directory), **session_options)
 
     def inference_session(self, max_length: int) -> InferenceSession:

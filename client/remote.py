@@ -33,10 +33,16 @@ class RemoteSpan:
         connection.request({"type": "ping"}, timeout=timeout, liveness=liveness)
         return cls(hop, connection, time.perf_counter() - started)
 
+    def _target(self) -> dict:
+        """Which model and layers a request is for. The swarm routes only to records whose config
+        fingerprint is the client's own; sending it lets a donor that restarted with another model
+        behind the same address (its old record not yet expired) refuse instead of computing."""
+        donor = self.hop.donor
+        return {"model": donor.model, "config": donor.config, "start": self.hop.start, "end": self.hop.end}
+
     def open_session(self, max_length: int, timeout: float, liveness: Liveness | None = None) -> None:
-        reply = self.connection.request(
-            {"type": "open", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end,
-             "max_length": max_length}, timeout=timeout, liveness=liveness)
+        reply = self.connection.request({"type": "open", **self._target(), "max_length": max_length},
+                                        timeout=timeout, liveness=liveness)
         self.session = reply.header["session"]
         self.position = 0
 
@@ -78,9 +84,8 @@ class RemoteSpan:
         return reply.wire[0]
 
     def forward(self, hidden: torch.Tensor, timeout: float, liveness: Liveness | None = None) -> torch.Tensor:
-        reply = self.connection.request(
-            {"type": "forward", "model": self.hop.donor.model, "start": self.hop.start, "end": self.hop.end},
-            [hidden], timeout=timeout, liveness=liveness)
+        reply = self.connection.request({"type": "forward", **self._target()}, [hidden], timeout=timeout,
+                                        liveness=liveness)
         return reply.tensors[0]
 
     def close(self) -> None:

@@ -21,8 +21,9 @@ class Swarm:
 
     def __init__(self, model_id: str, num_layers: int, fetch: Callable[[], list[Announcement]],
                  refresh_interval: float = 2.0, route_timeout: float = 10.0, bans: BanList | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, fingerprint: str = ""):
         self.model_id = model_id
+        self.fingerprint = fingerprint  # of the client's config.json; "" routes to any donor of the name
         self.num_layers = num_layers
         self._fetch = fetch
         self._clock = clock  # the DHT's clock, which announcements' expiration times are on
@@ -87,7 +88,7 @@ class Swarm:
         deadline = time.monotonic() + (self.route_timeout if timeout is None else timeout)
         force = False
         while True:
-            records = self.records(force=force)
+            records, strangers = self._split_by_config(self.records(force=force))
             with self._lock:
                 banned = self.bans.banned(time.monotonic())
                 rtt = dict(self.rtt)
@@ -100,11 +101,29 @@ class Swarm:
                         raise
                     return find_chain(self.model_id, records, start, end, rtt=rtt, banned=banned,
                                       min_free_tokens=min_free_tokens)
-            except NoRouteError:
+            except NoRouteError as err:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise self._explain_strangers(err, strangers) from None
             force = True
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _split_by_config(self, records: list[DonorRecord]) -> tuple[list[DonorRecord], list[DonorRecord]]:
+        """(donors of the client's model, donors of another model announced under the same name).
+        Records of older donors carry no fingerprint and are trusted."""
+        if not self.fingerprint:
+            return records, []
+        ours = [r for r in records if r.config in ("", self.fingerprint)]
+        return ours, [r for r in records if r.config not in ("", self.fingerprint)]
+
+    def _explain_strangers(self, err: NoRouteError, strangers: list[DonorRecord]) -> NoRouteError:
+        relevant = [r for r in strangers if any(r.start < b and r.end > a for a, b in err.missing)]
+        if not relevant:
+            return err
+        ranges = ", ".join(sorted({f"{r.start}:{r.end}" for r in relevant}))
+        configs = ", ".join(sorted({r.config for r in relevant}))
+        return err.with_note(f"{len(relevant)} donor(s) announce layers {ranges} under the name {self.model_id!r} "
+                             f"but serve a different model (config fingerprint {configs}; this client's is "
+                             f"{self.fingerprint}); give each model its own swarm name with --model-name")
 
     def failed(self, peer_id: str) -> float:
         with self._lock:

@@ -45,6 +45,8 @@ class DonorRecord:
     protocol: int = 1
     version: int = RECORD_VERSION
     device: str = ""  # human-readable, e.g. "cuda NVIDIA RTX 4090 24.0GiB bf16"
+    config: str = ""  # fingerprint of the model's config.json (shards.checkpoint); "" from older donors
+    quant: str = ""  # weight quantization ("nf4", "int8"), "" when the weights are in `dtype`
 
     @property
     def span(self) -> tuple[int, int]:
@@ -69,7 +71,8 @@ class DonorRecord:
             record = cls(**values)
         except TypeError:  # a required field is missing
             return None
-        types_ok = (isinstance(record.start, int) and isinstance(record.end, int) and 0 <= record.start < record.end
+        types_ok = (isinstance(record.config, str) and isinstance(record.quant, str)
+                    and isinstance(record.start, int) and isinstance(record.end, int) and 0 <= record.start < record.end
                     and isinstance(record.address, str) and ":" in record.address
                     and isinstance(record.throughput, (int, float)) and isinstance(record.free_cache_tokens, int))
         return record if types_ok else None

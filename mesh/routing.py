@@ -34,13 +34,14 @@ class NoRouteError(Exception):
         self.model = model
         self.missing = missing
         self.detail = detail
+        self.note = note
         ranges = ", ".join(f"{a}:{b}" for a, b in missing)
         hint = " ".join(f"`mesh serve --model {model} --layers {a}:{b} --initial-peers ...`" for a, b in missing)
         super().__init__(f"no donor serves layers {ranges} of {model}{detail}; start one with {hint}{note}")
 
     def with_note(self, note: str) -> "NoRouteError":
         """The same error with something appended, e.g. what the last donor tried answered."""
-        return NoRouteError(self.model, self.missing, self.detail, f". {note}")
+        return NoRouteError(self.model, self.missing, self.detail, f"{self.note}. {note}")
 
 
 def hop_cost(donor: DonorRecord, layers: int, rtt: dict[str, float]) -> float:

@@ -33,6 +33,7 @@ class DonorSettings:
     max_batch: int = 64
     max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES
     revision: str = "main"
+    fingerprint: str = ""  # of the model's config.json: clients route only to donors of their own model
 
 
 class Donor:
@@ -46,7 +47,7 @@ class Donor:
         self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout,
                                      on_close=self.worker.forget)
         self.forwarder = Forwarder(self.sessions, settings.max_payload)
-        self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id,
+        self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id, settings.fingerprint,
                                       describe={"backend": shard.device_info.backend, "device": device},
                                       forwarder=self.forwarder)
         self.server: Listener | None = None
@@ -79,7 +80,7 @@ class Donor:
                            peer_id=peer_id, address=self.address, backend=self.shard.device_info.backend,
                            dtype=str(self.shard.dtype).removeprefix("torch."), throughput=round(self.throughput, 3),
                            free_cache_tokens=self.sessions.free_tokens(), revision=self.settings.revision,
-                           device=self.device)
+                           device=self.device, config=self.settings.fingerprint, quant=self.shard.quantization or "")
 
     async def stop(self) -> None:
         if self._sweeper is not None:

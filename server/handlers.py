@@ -25,10 +25,11 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 class DonorHandlers:
     def __init__(self, shard: Shard, sessions: SessionTable, worker: BatchingExecutor, model_id: str,
-                 max_forward_tokens: int = 8192, describe: dict | None = None, forwarder: Forwarder | None = None):
+                 fingerprint: str = "", max_forward_tokens: int = 8192, describe: dict | None = None, forwarder: Forwarder | None = None):
         self.shard, self.sessions, self.worker = shard, sessions, worker
         self.forwarder = forwarder or Forwarder(sessions)
         self.model_id = model_id
+        self.fingerprint = fingerprint
         self.max_forward_tokens = max_forward_tokens
         self.describe = describe or {}
         self.weight_bytes = shard.weight_bytes()
@@ -47,7 +48,7 @@ class DonorHandlers:
         respond.ok({"type": "pong"})
 
     def info(self, message, connection, respond):
-        respond.ok({"type": "info", "model": self.model_id, "start": self.shard.start, "end": self.shard.end,
+        respond.ok({"type": "info", "model": self.model_id, "config": self.fingerprint, "start": self.shard.start, "end": self.shard.end,
                     "dtype": str(self.shard.dtype).removeprefix("torch."), "sessions": len(self.sessions.sessions),
                     "sessions_opened": self.sessions.opened_total, "free_cache_bytes": self.sessions.free_bytes,
                     "free_cache_tokens": self.sessions.free_tokens(),
@@ -144,6 +145,10 @@ class DonorHandlers:
     def _layers(self, header: dict) -> tuple[int, int]:
         if header.get("model", self.model_id) != self.model_id:
             raise ProtocolError("bad_request", f"this donor serves {self.model_id!r}, not {header.get('model')!r}")
+        config = header.get("config")
+        if config and self.fingerprint and config != self.fingerprint:
+            raise ProtocolError("bad_request", f"this donor serves another model named {self.model_id!r}: its "
+                                               f"config fingerprint is {self.fingerprint}, the caller's {config}")
         start = header.get("start", self.shard.start)
         end = header.get("end", self.shard.end)
         if not (isinstance(start, int) and isinstance(end, int) and self.shard.start <= start < end <= self.shard.end):

@@ -77,10 +77,22 @@ def pick_layers(opts: ServeOptions, ckpt: Checkpoint, config, model_id: str, dht
     free = info.free_memory() or 8 * 2**30
     reserve = opts.cache_bytes or int(free * (GPU_DEFAULT_CACHE_SHARE if info.is_gpu else CPU_DEFAULT_CACHE_SHARE))
     capacity = max(1, int((free * 0.9 - reserve) // max(per_layer, 1)))
-    records = fetch_records(dht, model_id)
+    fingerprint = ckpt.fingerprint()
+    records = [r for r in fetch_records(dht, model_id) if r.config in ("", fingerprint)]  # others: another model
     chosen = choose_range(config.num_hidden_layers, capacity, records)
     log.info("no --layers given: %d layer(s) fit; the swarm needs [%d, %d) most", capacity, *chosen)
     return chosen
+
+
+def warn_if_the_name_is_taken(dht, model_id: str, fingerprint: str) -> None:
+    """Another model announced under this name stays apart (clients compare config fingerprints), but
+    the donor's owner most likely meant to join it or to pick another name: say so before loading."""
+    others = sorted({r.config for r in fetch_records(dht, model_id) if r.config not in ("", fingerprint)})
+    if others:
+        print(f"warning: the swarm already serves a different model under the name {model_id!r} (config "
+              f"fingerprint {', '.join(others)}; this one's is {fingerprint}). Clients of each model use only "
+              f"its own donors; to avoid the confusion, give this model its own name with --model-name.",
+              file=sys.stderr, flush=True)
 
 
 def cache_budget(opts: ServeOptions, shard, info: DeviceInfo) -> int:
@@ -99,11 +111,13 @@ def serve(opts: ServeOptions) -> int:
     ensure_port_free(opts.host, opts.port, "the data-plane")  # before minutes of loading, not after
     ckpt = open_checkpoint(opts.model, opts.revision)
     config = ckpt.load_config()
+    fingerprint = ckpt.fingerprint()
     model_id = opts.model_name or model_id_for(opts.model)
     info = detect_device(opts.device)
     dtype = choose_dtype(info, opts.dtype)
     dht = start_dht(opts.initial_peers, host=opts.host, port=opts.dht_port)
     try:
+        warn_if_the_name_is_taken(dht, model_id, fingerprint)
         start, end = pick_layers(opts, ckpt, config, model_id, dht, info, dtype)
         print(f"loading layers {start}:{end} of {model_id} on {info.describe(dtype)}", flush=True)
         baseline = process_memory("VmRSS")  # interpreter, libraries, DHT client: before any weight
@@ -114,7 +128,7 @@ def serve(opts: ServeOptions) -> int:
         settings = DonorSettings(model_id=model_id, host=opts.host, port=opts.port, public_host=public_host,
                                  cache_budget_bytes=cache_budget(opts, shard, info), idle_timeout=opts.idle_timeout,
                                  announce_interval=opts.announce_interval, max_batch=opts.max_batch,
-                                 revision=opts.revision or "main")
+                                 revision=opts.revision or "main", fingerprint=fingerprint)
         donor = Donor(shard, settings, throughput, info.describe(dtype))
         donor.handlers.describe["baseline_rss_bytes"] = baseline
         install_fast_event_loop()

@@ -7,6 +7,7 @@ never downloads, opens or reads the files of other layers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -20,6 +21,28 @@ from shards.safetensors_io import TensorEntry, read_header, read_tensors
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+# Config keys that say how a checkpoint was saved, not what the model computes: a model re-saved in
+# bf16 or by a newer transformers must keep its fingerprint.
+_NOT_PART_OF_THE_MODEL = {"_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype",
+                          "use_cache", "_attn_implementation", "_attn_implementation_autoset"}
+
+
+def config_fingerprint(config_path: str | Path) -> str:
+    """A short hash of what config.json says about the model's shapes and math. Donors announce it and
+    clients route only to donors whose fingerprint equals their own, so two different models that
+    happen to share a swarm name are never chained together. Fine-tunes of one base model share a
+    config, hence a fingerprint: they need distinct swarm names (`--model-name`)."""
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {config_path}: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    kept = {key: value for key, value in config.items() if key not in _NOT_PART_OF_THE_MODEL}
+    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
 
 # fetch(repo_id, filename, revision, cache_dir) -> local path, or None when the hub has no such file
 Fetcher = Callable[[str, str, str | None, str | None], Path | None]
@@ -67,6 +90,9 @@ class Checkpoint:
     def directory(self) -> Path:
         """Where the checkpoint's files are (for a hub id: the local snapshot folder)."""
         return self._local_dir if self._local_dir is not None else self.config_path.parent
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.config_path)
 
     def load_config(self):
         from transformers import AutoConfig

@@ -10,6 +10,7 @@ import pytest
 from mesh.dht import dht_time, fetch_records, start_dht, wait_for
 from mesh.records import model_key
 from mesh.records import DonorRecord, model_id_for
+from shards.checkpoint import config_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def test_records_appear_and_go_away(swarm, reader, model_dir):
     [record] = [r for r in fetch_records(reader, model) if r.address == graceful.address]
     assert (record.start, record.end, record.backend, record.dtype) == (0, 3, "cpu", "float32")
     assert record.throughput > 0 and record.free_cache_tokens == 4096
+    assert record.config == config_fingerprint(model_dir("llama") / "config.json") and record.quant == ""
 
     graceful.process.stop()  # SIGTERM: the donor withdraws its record before exiting
     assert graceful.process.popen.returncode == 0

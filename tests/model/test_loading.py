@@ -218,3 +218,20 @@ def test_edges_reproduce_reference_embeddings_and_head(model_dir):
     with torch.no_grad():
         expected = reference.lm_head(reference.model.norm(hidden))
     torch.testing.assert_close(edges.logits(hidden), expected, **FP32_TOLERANCE)
+
+
+def test_the_config_fingerprint_names_the_model_not_how_it_was_saved(tmp_path):
+    from shards.checkpoint import config_fingerprint
+
+    def fingerprint(**config):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        return config_fingerprint(path)
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 6}
+    assert fingerprint(**base) == fingerprint(**dict(reversed(base.items())), torch_dtype="bfloat16",
+                                              transformers_version="9.9", _name_or_path="/elsewhere")
+    assert fingerprint(**base) != fingerprint(**{**base, "num_hidden_layers": 8})
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="does not hold a JSON object"):
+        config_fingerprint(tmp_path / "config.json")

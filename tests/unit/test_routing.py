@@ -108,3 +108,18 @@ def test_status_table_lists_ranges_and_gaps():
     assert "m: 8 layers, 2 donor(s), UNCOVERED layers 3:5" in text
     assert "\n  0:3 " in text and "\n  5:8 " in text
     assert format_status([], {}) == "no models are announced in this swarm"
+
+
+def test_status_flags_two_models_under_one_name_and_shows_quantization():
+    six = [DonorRecord("m", 0, 6, "p1", "10.0.0.1:1", config="aaaaaaaa1111", dtype="float16", quant="nf4")]
+    eight = [DonorRecord("m", 2, 8, "p2", "10.0.0.1:2", config="bbbbbbbb2222")]
+    text = format_status([ModelInfo("m", 8)], {"m": six + eight})
+    assert "WARNING: 2 different models announce this name" in text
+    assert "config aaaaaaaa: UNCOVERED layers 6:8; config bbbbbbbb: UNCOVERED layers 0:2" in text
+    assert "float16 nf4" in text and "aaaaaaaa " in text
+    assert "WARNING" not in format_status([ModelInfo("m", 8)], {"m": eight + [donor("old", 0, 2)]})
+
+
+def test_a_note_added_to_a_routing_error_keeps_the_earlier_ones():
+    err = NoRouteError("m", [(0, 2)]).with_note("first").with_note("second")
+    assert str(err).endswith("--initial-peers ...`. first. second")
