@@ -43,6 +43,38 @@ def _prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[tuple
     return [None] + [top_logprobs(logits[i - 1], ids[i], k) for i in range(1, len(ids))]
 
 
+def token_ids(value, vocab_size: int, *, batch: bool = False) -> torch.Tensor:
+    """Token ids as a [B, T] long tensor, checked before any donor sees them: a list of ints, a 1-D
+    integer tensor, or (with `batch`) a list of equal-length lists or a 2-D integer tensor. Without
+    `batch` a [1, T] tensor is accepted too. A wrong input is the caller's mistake, and sent on, it
+    would make donors fail, be banned and be replaced for nothing."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got a {value.dtype} tensor")
+        ids = value.to(torch.long)
+    else:
+        try:
+            ids = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"token ids must be a list of integers{' or of equal-length lists' if batch else ''}: "
+                             f"{err}") from None
+        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
+            raise TypeError(f"token ids must be integers, got {value!r:.60}")
+        ids = ids.to(torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or (not batch and ids.shape[0] != 1):
+        what = "a list of ids or a [batch, tokens] tensor" if batch else "one sequence of ids"
+        raise ValueError(f"expected {what}, got shape {list(ids.shape)}" + (
+            "; a session or a generation holds one sequence: run several from several threads" if not batch else ""))
+    if ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError("no token ids were given")
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        raise ValueError(f"token id {outside[0].item()} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 class InferenceSession:
     """Step-by-step use: feed token ids, get the logits of the last one. Caches live on the donors."""
 
@@ -54,7 +86,7 @@ class InferenceSession:
 
     def step(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Append `input_ids` to the session; returns logits [vocab] for the next token (float32)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        ids = token_ids(input_ids, self.model.config.vocab_size)
         hidden = self.remote.step(self.model.edges.embed(ids))
         return self.model.edges.logits(hidden[:, -1:])[0, 0]
 
@@ -181,8 +213,8 @@ class MeshModel:
 
     def forward(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for whole sequences, through the swarm without sessions."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        ids = ids[None] if ids.dim() == 1 else ids
+        ids = token_ids(input_ids, self.config.vocab_size, batch=True)
+        self._check_context(ids[0].tolist(), 0)
         options = SessionConfig(max_length=1, **self.session_options)
         last_error: Exception | None = None
         for _ in range(options.max_failovers + 1):
@@ -206,15 +238,11 @@ class MeshModel:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            return self.tokenizer(prompt)["input_ids"]
-        ids = [int(t) for t in prompt]
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
+            ids = self.tokenizer(prompt)["input_ids"]
+            if not ids:
+                raise ValueError("the prompt is empty")
+            return ids
+        return token_ids(prompt, self.config.vocab_size)[0].tolist()
 
     def _default_stops(self) -> list[int]:
         eos = getattr(self.config, "eos_token_id", None)

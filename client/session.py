@@ -69,6 +69,7 @@ class RemoteSession:
         self._unreachable = False  # a donor could not reach the next one during this step
         self.failovers = 0
         self.last_failover_seconds: float | None = None
+        self.closed = False
 
     @property
     def route(self) -> list[Hop]:
@@ -79,6 +80,10 @@ class RemoteSession:
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, T, D] at the session's next position -> output of the last layer, [1, T, D]."""
+        if self.closed:
+            raise MeshSessionError("this session is closed; open a new one")
+        if hidden.shape[1] == 0:
+            raise ValueError("a step needs at least one token")
         if self.position + hidden.shape[1] > self.config.max_length:
             raise MeshSessionError(f"step of {hidden.shape[1]} token(s) at position {self.position} exceeds the "
                                    f"session's max_length {self.config.max_length}")
@@ -97,6 +102,7 @@ class RemoteSession:
         return _as_torch(output)
 
     def close(self) -> None:
+        self.closed = True
         spans, self.spans = self.spans, []
         _close_all(spans)
 

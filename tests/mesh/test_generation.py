@@ -82,6 +82,38 @@ def test_bad_lengths_are_refused_before_any_donor_is_asked(mesh_model):
     assert not mesh_model.swarm.bans.banned(time.monotonic())  # no donor paid for the caller's mistake
 
 
+def test_bad_token_ids_are_refused_before_any_donor_is_asked(mesh_model, model_dir):
+    import time
+
+    from client import ContextLengthError, MeshSessionError
+
+    vocab = mesh_model.config.vocab_size
+    prompt = random_prompt(6)
+    with torch.inference_mode():
+        expected = reference_model(model_dir("llama"))(prompt).logits[0, -1]
+    with mesh_model.inference_session(max_length=16) as session:
+        for bad, error, message in [
+                ([], ValueError, "no token ids were given"),
+                ([[1, 2], [3, 4]], ValueError, r"expected one sequence of ids, got shape \[2, 2\]"),
+                (torch.tensor([1.0, 2.0]), TypeError, "token ids must be integers, got a torch.float32 tensor"),
+                ([1, 2.5], TypeError, "token ids must be integers"),
+                ([1, vocab], ValueError, f"token id {vocab} is outside the vocabulary"),
+                ([[1, 2], [3]], ValueError, "token ids must be a list of integers")]:
+            with pytest.raises(error, match=message):
+                session.step(bad)
+        assert session.position == 0  # nothing reached the donors: the session goes on intact
+        torch.testing.assert_close(session.step(prompt), expected, **FP32_TOLERANCE)  # a [1, T] tensor
+    with pytest.raises(MeshSessionError, match="this session is closed"):
+        session.step([1])
+    with pytest.raises(ValueError, match="one sequence of ids, got shape \\[2, 3\\]"):
+        mesh_model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="no token ids were given"):
+        mesh_model.forward([])
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        mesh_model.forward([1] * (mesh_model.context_length + 1))
+    assert not mesh_model.swarm.bans.banned(time.monotonic())
+
+
 def test_stop_tokens_end_generation(mesh_model):
     prompt = random_prompt(8)[0].tolist()
     full = mesh_model.generate(prompt, max_new_tokens=10, stop_tokens=[])
