@@ -189,7 +189,7 @@ class _Handlers:
 
     # -- chat -----------------------------------------------------------------------------------------
 
-    async def chat(self, body: ChatRequest):
+    async def chat(self, body: ChatRequest, request: Request):
         self._check_model(body.model)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise invalid("this model has no chat template; use /v1/completions with a plain prompt", "messages",
@@ -202,7 +202,7 @@ class _Handlers:
         ids = await asyncio.to_thread(self._chat_ids, messages)  # seconds for a long prompt: off the event loop
         max_tokens = self._budget(len(ids), body.token_limit, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await self._run("chat", body, [ids], max_tokens, top, echo=False)
+        return await self._run("chat", body, [ids], max_tokens, top, echo=False, http_request=request)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -217,13 +217,13 @@ class _Handlers:
 
     # -- completions ----------------------------------------------------------------------------------
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._check_text_length(sum(len(p) for p in texts if isinstance(p, str)), "prompt")
         prompts = await asyncio.to_thread(self._prompt_ids, body.prompt)
         max_tokens = min(self._budget(len(p), body.max_tokens, "prompt") for p in prompts)
-        return await self._run("text", body, prompts, max_tokens, body.logprobs, echo=body.echo)
+        return await self._run("text", body, prompts, max_tokens, body.logprobs, echo=body.echo, http_request=request)
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -257,7 +257,7 @@ class _Handlers:
     # -- shared: start the generations, then answer whole or streamed -------------------------------------
 
     async def _run(self, kind: str, body, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
-                   echo: bool):
+                   echo: bool, http_request: Request):
         started = time.perf_counter()
         generations = []
         for prompt_index, ids in enumerate(prompts):
@@ -281,11 +281,43 @@ class _Handlers:
             if body.stream:
                 return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await reply.whole()
+            return await _unless_the_client_leaves(http_request, reply.whole())
         except BaseException as err:
             for _, generation in generations:
                 generation.cancel()
             raise _as_api_error(err) from None
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left first; only metrics and logs see it
+
+
+async def _unless_the_client_leaves(request: Request, work):
+    """`work`'s result; or, if the client disconnects first, `work` cancelled (which stops its
+    generations and frees the donors' caches) and a 499 that nobody reads. A streamed reply learns
+    of a disconnect when a write fails; a whole reply writes nothing until the end, so it listens."""
+    answer = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, left}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done() and left.exception() is not None:
+            log.warning("cannot watch for the client's disconnect: %s", left.exception())
+            await asyncio.wait({answer})
+    finally:
+        left.cancel()
+        if not answer.done():
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)  # its cleanup cancels the generations
+    if answer.cancelled():
+        log.info("client disconnected before its answer; generation stopped")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body was read before the handler ran, so what comes
+    from the server now can only be the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.5)  # not expected; a server that repeats empty bodies must not make this spin
 
 
 def _as_api_error(err: BaseException) -> BaseException:

@@ -4,6 +4,8 @@ Every text must equal what the Python client generates for the same request and 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 
 import httpx
@@ -204,6 +206,29 @@ def test_disconnect_mid_stream_frees_the_donor_sessions(gateway, demo_swarm):
     while donor_sessions(demo_swarm) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert donor_sessions(demo_swarm) == 0
+
+
+def generated_tokens(gateway) -> float:
+    text = httpx.get(gateway.base_url.removesuffix("/v1") + "/metrics").text
+    return float(re.search(r"^mesh_generated_tokens_total (\S+)$", text, re.M).group(1))
+
+
+def test_a_client_that_leaves_before_a_whole_answer_stops_its_generation(gateway, demo_swarm):
+    """Not streamed, nothing is written until the end, so no failed write tells the gateway that the
+    client left: it must notice the disconnect itself. Here the client leaves as soon as it has sent."""
+    import socket
+
+    body = json.dumps({"model": SERVED, "messages": CHAT, "max_tokens": 1500}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    assert donor_sessions(demo_swarm) == 0
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(head + body)
+    time.sleep(2.0)  # the whole answer takes over 10 s; had it gone on, its sessions would still be open
+    assert donor_sessions(demo_swarm) == 0
+    before = generated_tokens(gateway)
+    time.sleep(1.0)
+    assert generated_tokens(gateway) == before  # no token is generated for nobody
 
 
 def test_metrics_after_requests(sdk, gateway):
