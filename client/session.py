@@ -39,7 +39,7 @@ class SessionConfig:
     max_length: int
     request_timeout: float = 30.0  # one request to one donor (or one forwarded step through all)
     connect_timeout: float = 15.0  # a loaded donor answers a new connection between two batches
-    max_failovers: int = 8  # per session
+    max_failovers: int = 8  # per step: replacing donors that failed (or reopening expired sessions)
     recovery_deadline: float = 60.0  # to get one step through, failovers included
     forwarding: bool = True  # donors hand steps on to each other instead of through the client
     trace: bool = False  # donors time-stamp each step (RemoteSpan.last_trace; benchmarks/hop_latency.py)
@@ -67,7 +67,8 @@ class RemoteSession:
         self.position = 0
         self.forwarding = config.forwarding
         self._unreachable = False  # a donor could not reach the next one during this step
-        self.failovers = 0
+        self.failovers = 0  # in the session's whole life (statistics)
+        self._step_failovers = 0  # in the current step, held against max_failovers
         self.last_failover_seconds: float | None = None
         self.closed = False
 
@@ -88,6 +89,7 @@ class RemoteSession:
             raise MeshSessionError(f"step of {hidden.shape[1]} token(s) at position {self.position} exceeds the "
                                    f"session's max_length {self.config.max_length}")
         deadline = time.monotonic() + self.config.recovery_deadline
+        self._step_failovers = 0
         output = self._forwarded_step(hidden, deadline) if self.forwarding else None
         if output is None:
             failovers = self.failovers
@@ -194,19 +196,29 @@ class RemoteSession:
             for boundary in [b for b in self.inputs if b != self.start]:
                 del self.inputs[boundary]  # this step did not pass through the client there
 
+    def _out_of_retries(self, deadline: float) -> bool:
+        self.failovers += 1
+        self._step_failovers += 1
+        return self._step_failovers > self.config.max_failovers or time.monotonic() > deadline
+
     def _fail_over(self, failed: RemoteSpan, error: Exception, deadline: float) -> None:
         started = time.monotonic()
-        self.failovers += 1
         if self.observer is not None:
             self.observer.failover()
-        ban = self.swarm.failed(failed.hop.donor.peer_id)
-        log.warning("donor %s failed on layers %d:%d (%s); banned for %.0fs, rerouting",
-                    failed.hop.donor.address, failed.hop.start, failed.hop.end, error, ban)
+        expired = isinstance(error, RemoteError) and error.code == "session_expired"
+        if expired:  # the donor is fine: the session sat idle past its timeout. Reopen, maybe there.
+            log.info("session on %s (layers %d:%d) expired while idle; reopening it",
+                     failed.hop.donor.address, failed.hop.start, failed.hop.end)
+        else:
+            ban = self.swarm.failed(failed.hop.donor.peer_id)
+            log.warning("donor %s failed on layers %d:%d (%s); banned for %.0fs, rerouting",
+                        failed.hop.donor.address, failed.hop.start, failed.hop.end, error, ban)
         failed.close()
-        if self.failovers > self.config.max_failovers or time.monotonic() > deadline:
-            raise MeshSessionError(f"giving up after {self.failovers} failovers; last error from "
+        if self._out_of_retries(deadline):
+            raise MeshSessionError(f"giving up after {self._step_failovers} failovers in one step; last error from "
                                    f"{failed.hop.donor.address} on layers {failed.hop.start}:{failed.hop.end}: {error}")
-        replacement = self._rebuild(failed.hop.start, failed.hop.end, deadline, avoid={failed.hop.donor.peer_id})
+        avoid = set() if expired else {failed.hop.donor.peer_id}
+        replacement = self._rebuild(failed.hop.start, failed.hop.end, deadline, avoid=avoid)
         index = self.spans.index(failed)  # found again: a nested failover may have changed the chain
         self.spans[index:index + 1] = replacement
         self.last_failover_seconds = time.monotonic() - started
@@ -225,8 +237,7 @@ class RemoteSession:
                 self._replay(spans, history, avoid)
                 return spans
             except RECOVERABLE as err:
-                self.failovers += 1
-                if self.failovers > self.config.max_failovers or time.monotonic() > deadline:
+                if self._out_of_retries(deadline):
                     raise MeshSessionError(f"could not rebuild layers {start}:{end}: {err}") from None
 
     def _history_at(self, boundary: int, deadline: float) -> torch.Tensor:

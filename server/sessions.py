@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,6 +74,11 @@ class Session:
         return self.cache.nbytes
 
 
+# Ids of sessions closed for idleness that a donor still recognises, so that their owners are told
+# why (and reopen without blaming the donor) rather than "unknown session". Bounded: ids are 32 bytes.
+REMEMBERED_EXPIRED = 4096
+
+
 class SessionTable:
     def __init__(self, shard: Shard, budget_bytes: int, idle_timeout: float = 300.0,
                  max_session_tokens: int | None = None, clock: Callable[[], float] = time.monotonic,
@@ -85,6 +91,7 @@ class SessionTable:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.opened_total = 0
+        self._expired: OrderedDict[str, None] = OrderedDict()
 
     @property
     def used_bytes(self) -> int:
@@ -117,6 +124,9 @@ class SessionTable:
     def get(self, session_id, owner: object | None) -> Session:
         """The open session `session_id`, if `owner` opened it (None: whoever did)."""
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None and session_id in self._expired:
+            raise ProtocolError("session_expired", f"session {session_id} was closed after {self.idle_timeout:g} s "
+                                                   "without a step (the donor's --idle-timeout); open a new one")
         if session is None or (owner is not None and session.owner is not owner):
             raise ProtocolError("unknown_session", f"no open session {session_id!r} on this connection "
                                                    "(it was closed, timed out, or never opened)")
@@ -135,7 +145,12 @@ class SessionTable:
 
     def expire_idle(self) -> list[str]:
         cutoff = self.clock() - self.idle_timeout
-        return self._end([sid for sid, s in self.sessions.items() if s.last_used < cutoff])
+        expired = self._end([sid for sid, s in self.sessions.items() if s.last_used < cutoff])
+        for sid in expired:
+            self._expired[sid] = None
+        while len(self._expired) > REMEMBERED_EXPIRED:
+            self._expired.popitem(last=False)
+        return expired
 
     def _end(self, doomed: list[str]) -> list[str]:
         for sid in doomed:

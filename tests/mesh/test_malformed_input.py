@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from mesh.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, encode
+from mesh.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, ProtocolError, encode
 from mesh.transport import Connection, RemoteError, wait_for_first
 from server.donor import Donor, DonorSettings
 from shards import load_edges, load_shard
@@ -206,3 +206,10 @@ def test_idle_sessions_expire(model_dir):
     assert table.free_tokens() == 60
     assert ended == [first]  # the donor's executor hears of it (and drops the session's queued work)
     assert table.close_owned_by(owner) == 1 and ended == [first, second]
+    # The owner of an expired session learns why (and that the donor is fine); a closed one is unknown.
+    with pytest.raises(ProtocolError, match="closed after 30 s without a step") as caught:
+        table.get(first.id, owner)
+    assert caught.value.code == "session_expired"
+    with pytest.raises(ProtocolError) as caught:
+        table.get(second.id, owner)
+    assert caught.value.code == "unknown_session"
