@@ -123,6 +123,9 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
     for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE):
         with socket.socket(family, kind, proto) as probe:
+            # As the listener itself will: connections of a previous run still in TIME_WAIT (a donor
+            # killed and restarted) do not hold the port; a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as err:

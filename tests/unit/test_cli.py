@@ -122,6 +122,28 @@ def test_ports_in_use_are_one_line_errors_before_any_loading():
     assert "Traceback" not in serve.stderr + dht.stderr
 
 
+def test_a_port_left_in_time_wait_by_a_killed_donor_is_free_again():
+    """A donor killed with connections open leaves them in TIME_WAIT for a minute; its restart on the
+    same port must not be told the port is in use (the listener itself sets SO_REUSEADDR)."""
+    import socket
+
+    from mesh.listener import ensure_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the side that closes first keeps the TIME_WAIT: here, the server's port
+        client.recv(1)
+        client.close()
+        with pytest.raises(OSError, match="already in use"):
+            ensure_port_free("127.0.0.1", port, "the data-plane")  # still listening: taken
+    ensure_port_free("127.0.0.1", port, "the data-plane")
+
+
 def test_dht_failures_are_one_line_errors():
     no_peers = run_mesh("status")
     assert no_peers.returncode == 2 and "mesh status: give --initial-peers" in no_peers.stderr
