@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh.listener import Listener
@@ -45,7 +47,8 @@ class Donor:
         self.worker = BatchingExecutor(shard, settings.max_batch)
         # A session that ends drops its queued work too: no compute for a cache nobody owns.
         self.sessions = SessionTable(shard, settings.cache_budget_bytes, settings.idle_timeout,
-                                     on_close=self.worker.forget)
+                                     on_close=self._session_ended)
+        self.on_cache_freed: Callable[[], None] | None = None  # the heartbeat's nudge, once it runs
         self.forwarder = Forwarder(self.sessions, settings.max_payload)
         self.handlers = DonorHandlers(shard, self.sessions, self.worker, settings.model_id, settings.fingerprint,
                                       describe={"backend": shard.device_info.backend, "device": device},
@@ -61,6 +64,11 @@ class Donor:
         self.address = f"{self.settings.public_host or self.settings.host}:{port}"
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle_sessions())
         return self.address
+
+    def _session_ended(self, session) -> None:
+        self.worker.forget(session)
+        if self.on_cache_freed is not None:
+            self.on_cache_freed()
 
     def _connection_closed(self, connection: ServerConnection) -> None:
         freed = self.sessions.close_owned_by(connection)
@@ -99,33 +107,55 @@ WITHDRAW_TIMEOUT = 5.0  # a DHT that stopped answering (its process killed with 
 
 
 class Heartbeat:
-    """Announces the donor's record every `interval` seconds from a thread (DHT calls block)."""
+    """Announces the donor's record every `interval` seconds from a thread (DHT calls block), and
+    sooner when a donor that announced itself (nearly) full frees cache: clients skip donors without
+    room for their session, and would otherwise wait a whole interval to see the room."""
+
+    NEARLY_FULL = 0.25  # announced free cache below this share of the budget counts as nearly full
+    MIN_GAP = 1.0  # seconds between two announcements, however many sessions end
 
     def __init__(self, dht, donor: Donor, num_layers: int, interval: float):
         self.dht, self.donor, self.num_layers, self.interval = dht, donor, num_layers, interval
         self._stop = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mesh-heartbeat", daemon=True)
         self.peer_id = str(dht.peer_id)
+        self._announced_free = 0
+        self._full_budget = donor.sessions.shard.cache_spec.tokens_for(donor.sessions.budget_bytes)
 
     def start(self) -> None:
         self.beat()
+        self.donor.on_cache_freed = self.nudge
         self._thread.start()
+
+    def nudge(self) -> None:
+        """Cache was freed: announce soon if the last announcement looked (nearly) full."""
+        if self._announced_free < self.NEARLY_FULL * self._full_budget:
+            self._nudged.set()
 
     def beat(self) -> None:
         from mesh.dht import announce
 
+        record = self.donor.record(self.peer_id)
         try:
-            announce(self.dht, self.donor.record(self.peer_id), self.num_layers,
-                     ttl=3 * self.interval + SLOW_STORE_ALLOWANCE)
+            announce(self.dht, record, self.num_layers, ttl=3 * self.interval + SLOW_STORE_ALLOWANCE)
+            self._announced_free = record.free_cache_tokens
         except Exception as err:  # a DHT hiccup must not kill a donor; the next beat retries
             log.warning("announcement failed: %s", err)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        last = time.monotonic()
+        while True:
+            self._nudged.wait(max(0.0, last + self.interval - time.monotonic()))
+            if self._stop.wait(max(0.0, last + self.MIN_GAP - time.monotonic())):
+                return
+            self._nudged.clear()
             self.beat()
+            last = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
+        self._nudged.set()
         self._thread.join(timeout=WITHDRAW_TIMEOUT)
         # In a thread of its own, waited for a bounded time: when a signal went to the whole process
         # group (systemd, `timeout`), the DHT's process is gone and a call into it never returns.
