@@ -21,6 +21,7 @@ from server.host_memory import return_large_buffers_to_the_system
 from server.throughput import measure_throughput
 from shards.checkpoint import Checkpoint
 from shards.device import DeviceInfo, choose_dtype, detect_device
+from shards.errors import InsufficientMemoryError
 from shards.loading import load_shard, open_checkpoint, parse_layers
 from shards.shard import PREFILL_CHUNK_TOKENS
 
@@ -76,12 +77,32 @@ def pick_layers(opts: ServeOptions, ckpt: Checkpoint, config, model_id: str, dht
     per_layer = layer_bytes(ckpt, family_for(config).layer_prefix.format(0), dtype, opts.quant)
     free = info.free_memory() or 8 * 2**30
     reserve = opts.cache_bytes or int(free * (GPU_DEFAULT_CACHE_SHARE if info.is_gpu else CPU_DEFAULT_CACHE_SHARE))
-    capacity = max(1, int((free * 0.9 - reserve) // max(per_layer, 1)))
+    capacity = int((free * 0.9 - reserve) // max(per_layer, 1))
+    if capacity < 1:
+        raise InsufficientMemoryError(
+            f"not even one layer fits on {info.describe(dtype)}: a layer takes {_size(per_layer)}, {_size(free)} "
+            f"are free and {_size(reserve)} of it would go to the KV cache; free some memory, lower the cache "
+            "(--cache-tokens, --cache-bytes), quantize (--quant), or give --layers explicitly")
     fingerprint = ckpt.fingerprint()
     records = [r for r in fetch_records(dht, model_id) if r.config in ("", fingerprint)]  # others: another model
     chosen = choose_range(config.num_hidden_layers, capacity, records)
     log.info("no --layers given: %d layer(s) fit; the swarm needs [%d, %d) most", capacity, *chosen)
     return chosen
+
+
+def check_cache_fits(budget: int, shard, info: DeviceInfo) -> None:
+    """Sessions allocate their cache when they open: a budget beyond the free memory would be found
+    out hours later, by a session that crashes the donor. Refuse it now, with what would fit."""
+    free = info.free_memory()
+    if free is not None and budget > free:
+        fits = shard.cache_spec.tokens_for(int(free * 0.9))
+        raise InsufficientMemoryError(
+            f"a KV cache of {_size(budget)} does not fit: {_size(free)} are free on {info.describe(shard.dtype)} "
+            f"after loading the layers; lower --cache-tokens or --cache-bytes (about {fits} tokens would fit)")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def warn_if_the_name_is_taken(dht, model_id: str, fingerprint: str) -> None:
@@ -122,11 +143,13 @@ def serve(opts: ServeOptions) -> int:
         print(f"loading layers {start}:{end} of {model_id} on {info.describe(dtype)}", flush=True)
         baseline = process_memory("VmRSS")  # interpreter, libraries, DHT client: before any weight
         shard = load_shard(ckpt, (start, end), device=info, dtype=dtype, quant=opts.quant)
+        budget = cache_budget(opts, shard, info)
+        check_cache_fits(budget, shard, info)
         shard.prefill_chunk_tokens = opts.prefill_chunk_tokens
         throughput = measure_throughput(shard)
         public_host = opts.public_address or (opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1")
         settings = DonorSettings(model_id=model_id, host=opts.host, port=opts.port, public_host=public_host,
-                                 cache_budget_bytes=cache_budget(opts, shard, info), idle_timeout=opts.idle_timeout,
+                                 cache_budget_bytes=budget, idle_timeout=opts.idle_timeout,
                                  announce_interval=opts.announce_interval, max_batch=opts.max_batch,
                                  revision=opts.revision or "main", fingerprint=fingerprint)
         donor = Donor(shard, settings, throughput, info.describe(dtype))

@@ -80,7 +80,36 @@ class TorchProbe:
             return False
 
     def host_memory(self) -> tuple[int | None, int | None]:
-        return _read_meminfo()
+        available, total = _read_meminfo()
+        return _within_cgroup_limit(available, total, _read_cgroup_memory())
+
+
+def _within_cgroup_limit(available: int | None, total: int | None,
+                         cgroup: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """(available, total) host memory as a process of this container sees it: a container with a
+    memory limit is killed at its limit, however much the machine has free."""
+    if cgroup is None:
+        return available, total
+    limit, used = cgroup
+    room = max(0, limit - used)
+    return (room if available is None else min(available, room)), (limit if total is None else min(total, limit))
+
+
+def _read_cgroup_memory(root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this container's memory cgroup (v2, else v1); None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit_file)) as f:
+                limit_text = f.read().strip()
+            with open(os.path.join(root, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 2**60:  # v1 says "none" so
+            return None
+        return int(limit_text), usage
+    return None
 
 
 def _read_meminfo() -> tuple[int | None, int | None]:

@@ -31,3 +31,7 @@ class DtypeNotSupportedError(ShardError):
 
 class CacheOverflowError(ShardError):
     """A step would write past the number of tokens reserved for a session's KV cache."""
+
+
+class InsufficientMemoryError(ShardError):
+    """The device has less free memory than the layers or the cache asked for need."""
