@@ -7,6 +7,7 @@ can be configured without a command line.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -38,6 +39,30 @@ def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, def
     else:
         value = _from_environment(env, value, kwargs.get("type"), kwargs.get("choices"))
     parser.add_argument(flag, default=value, help=f"{help} [env: {env}]", **kwargs)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "--log-level", "MESH_LOG_LEVEL", "how much the mesh logs to stderr (donors replaced, "
+            "sessions freed, layers chosen, ...)", "info", choices=LOG_LEVELS)
+
+
+def _configure_logging(level: str | None) -> None:
+    """The project's own log lines (loggers mesh.*) to stderr with a time; other libraries keep theirs.
+    Records still propagate: a mesh process gives the root logger no handler, so nothing prints twice,
+    and a program that called main() in-process (tests) still captures them."""
+    if not isinstance(level, str):
+        return
+    logger = logging.getLogger("mesh")
+    for previous in [h for h in logger.handlers if getattr(h, "installed_by_mesh_cli", False)]:
+        logger.removeHandler(previous)  # main() run twice in one process must not print each line twice
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.installed_by_mesh_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 class BadVariable:
@@ -227,6 +252,7 @@ def _add_serve(subparsers) -> None:
             type=positive(int))
     _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
             "when several processes run on one machine)", type=positive(int))
+    _log_level_option(parser)
     parser.set_defaults(run=_run_serve)
 
 
@@ -309,6 +335,7 @@ def _add_gateway(subparsers) -> None:
             type=positive(int))
     _option(parser, "--route-timeout", "MESH_ROUTE_TIMEOUT", "seconds to wait for a route before answering 503",
             5.0, type=positive(float))
+    _log_level_option(parser)
     parser.set_defaults(run=_run_gateway)
 
 
@@ -385,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [value.message for value in vars(args).values() if isinstance(value, BadVariable)]
     if bad:
         parser.error(f"bad environment variable: {'; '.join(bad)}")
+    _configure_logging(getattr(args, "log_level", None))
     from mesh.dht import DHTError
 
     try:

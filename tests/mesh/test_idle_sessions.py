@@ -35,3 +35,5 @@ def test_pauses_longer_than_the_idle_timeout_change_nothing(swarm, model_dir, fo
         assert not model.swarm.bans.banned(time.monotonic())  # an idle timeout is nobody's failure
     assert reopened >= PAUSES  # the sessions really expired (about twice per pause)
     torch.testing.assert_close(torch.stack(got), expected[4:], **FP32_TOLERANCE)
+    # The donors' operators see it too: the CLI logs the project's info lines to stderr.
+    assert any(" INFO mesh.donor: closed 1 idle session(s)" in line for line in swarm.donors[0].process.lines)

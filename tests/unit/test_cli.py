@@ -153,3 +153,31 @@ def test_dht_failures_are_one_line_errors():
     identity = run_mesh("dht", "--host", "127.0.0.1", "--identity", str(ROOT / "no-such-dir" / "key"), timeout=120)
     assert identity.returncode == 2 and "Traceback" not in identity.stderr
     assert "mesh dht: cannot start the DHT node: The directory" in identity.stderr
+
+
+def test_log_level_sets_what_the_mesh_prints_and_running_twice_prints_once(monkeypatch, capsys):
+    import logging
+
+    from mesh.cli import main
+
+    monkeypatch.delenv("MESH_MODEL", raising=False)
+    log = logging.getLogger("mesh.donor")
+    try:
+        for level in ("info", "warning"):
+            assert main(["serve", "--log-level", level]) == 2  # no model: stops after logging is set up
+        log.info("not shown at warning")
+        log.warning("shown once")
+        err = capsys.readouterr().err
+        assert "not shown" not in err
+        assert err.count("mesh.donor: shown once") == 1  # level spelled WARNING, or WARN once hivemind is imported
+    finally:
+        for handler in list(logging.getLogger("mesh").handlers):
+            if getattr(handler, "installed_by_mesh_cli", False):
+                logging.getLogger("mesh").removeHandler(handler)
+        logging.getLogger("mesh").setLevel(logging.NOTSET)
+
+
+def test_a_log_level_that_does_not_exist_is_refused_with_the_choices():
+    out = run_mesh("gateway", "--model", "m", "--log-level", "loud")
+    assert out.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud' (choose from" in out.stderr
