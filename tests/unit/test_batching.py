@@ -11,7 +11,7 @@ import torch
 
 from server.compute import MAX_STRAGGLER_WAIT, BatchingExecutor, Job, SessionEnded
 from shards.loading import load_shard
-from tests.conftest import FP32_TOLERANCE, fail_on_call
+from tests.conftest import FP32_TOLERANCE, assert_hidden_close, fail_on_call
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,36 @@ def test_a_decode_step_waits_for_one_budget_of_a_burst_of_prompts_not_all_of_it(
         output, error = outputs[f"prompt {i}"]
         assert error is None and caches[i].length == 4
         torch.testing.assert_close(output, shard(prompt, [shard.new_cache(16)]), **FP32_TOLERANCE)
+
+
+def test_new_prompts_of_one_length_run_as_one_batch_and_each_gets_its_own_result(shard):
+    hidden_size = shard.config.hidden_size
+    layers = (shard.start, shard.end)
+    gen = torch.Generator().manual_seed(30)
+    prompts = [torch.randn(1, length, hidden_size, generator=gen) for length in (5, 5, 3, 5)]
+    results: dict[int, tuple] = {}
+
+    def record(index):
+        return lambda output, error, seconds: results.__setitem__(index, (output, error))
+
+    executor = BatchingExecutor(shard)
+    caches = [shard.new_cache(16) for _ in prompts]
+    jobs = [Job(prompt, layers, cache, record(i), object()) for i, (prompt, cache) in enumerate(zip(prompts, caches))]
+    forward = Job(prompts[0], layers, None, record(9))  # a whole-sequence pass: never batched with prompts
+    groups, deferred = executor._plan([jobs[0], jobs[1], forward, jobs[2], jobs[3]])
+    assert [[id(j) for j in g] for g in groups] == [[id(jobs[0]), id(jobs[1]), id(jobs[3])], [id(forward)], [id(jobs[2])]]
+    assert deferred == []
+    for group in groups:
+        executor._execute(group)
+
+    assert executor.stats.prompt_batch_sizes == {3: 1}
+    assert executor.stats.batch_sizes == {1: 2} and executor.stats.max_batch == 1  # decode batching's figures
+    for i, prompt in enumerate(prompts):
+        output, error = results[i]
+        assert error is None and caches[i].length == prompt.shape[1]
+        alone = shard.new_cache(16)
+        assert_hidden_close(output, shard(prompt, [alone]))
+        assert_hidden_close(caches[i].keys[:, :, :caches[i].length], alone.keys[:, :, :alone.length])
 
 
 class NamedStep(Step):
