@@ -4,11 +4,13 @@ Handlers submit Jobs with a completion callback. A session that is the only acti
 once, inside `submit`. Otherwise its step waits, until the other active sessions' steps have
 queued too or for a short bounded time (see `submit`), and then one `flush` runs the queued
 one-token steps over the same layers as one batch (the shard's batched step), and new prompts of
-one length together too, oldest request first, resolving each job's callback. The shard's
-`prefill_chunk_tokens` bounds the prompt work of one flush: new prompts beyond that many tokens wait for the next flush, and a
-longer prompt runs one piece of that size per flush, going back in the queue between pieces. So
-a decoding session waits for a budget of new prompts and a piece of each long prompt under way,
-never for a whole burst of new sessions or a whole long prompt.
+one length together too, oldest request first, resolving each job's callback. A prompt budget
+bounds the prompt work of one flush: the shard's `prefill_chunk_tokens`, fewer tokens on a donor
+too slow to compute that many in about two seconds (pacing.py). New prompts beyond the budget
+wait for the next flush, and a longer prompt runs one piece of that size per flush, going back in
+the queue between pieces. So a decoding session waits for a budget of new prompts and a piece of
+each long prompt under way, never for a whole burst of new sessions or a whole long prompt, and
+the loop is never held so long that clients take the donor for dead.
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine (measured during development with a
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.pacing import PromptPace
 from shards.kv_cache import KVCache
 from shards.shard import Shard
 
@@ -46,6 +49,8 @@ class Job:
     done: Done
     submitter: object = None  # the session whose step this is (None: a forward without a session)
     pieces: Iterator[torch.Tensor | None] | None = None  # a long prompt under way (Shard.in_pieces)
+    piece_tokens: int = 0  # ... in pieces of this many tokens
+    tokens_done: int = 0  # ... of which the pieces that ran so far held this many
     seconds: float = 0.0  # compute spent on its pieces so far
 
     @property
@@ -86,6 +91,12 @@ class BatchingExecutor:
         self._flush_scheduled = False  # a flush is queued for the next loop iteration
         self._timer: asyncio.TimerHandle | None = None  # a flush waiting for stragglers
         self._last_compute = 0.0
+        self.pace = PromptPace()  # how many prompt tokens a flush takes on (pacing.py)
+
+    @property
+    def prompt_budget(self) -> int:
+        """Prompt tokens one flush takes on, and the size of a long prompt's pieces."""
+        return self.pace.budget(self.shard.prefill_chunk_tokens)
 
     def submit(self, hidden: torch.Tensor, layers: tuple[int, int], cache: KVCache | None, done: Done,
                submitter: object = None) -> None:
@@ -174,8 +185,7 @@ class BatchingExecutor:
         """Groups to run now, and the jobs left for the next flush.
 
         Every queued one-token step runs now, batched with the others over the same layers (up to
-        max_batch). New prompts run up to the shard's `prefill_chunk_tokens` tokens per flush (at
-        least one prompt), in arrival order, those of one length together (_prompt_groups); the
+        max_batch). New prompts run up to `prompt_budget` tokens per flush (at least one prompt), in arrival order, those of one length together (_prompt_groups); the
         others wait for the next flush, so that a burst of new sessions holds up a decoding session by
         one budget's worth of prompt, not by all of them. A long prompt that already started runs
         its next piece (of that size) at every flush, whatever came since, so it is never starved.
@@ -216,7 +226,7 @@ class BatchingExecutor:
 
     def _within_prompt_budget(self, prompts: list[tuple[int, Job]]) -> tuple[list[tuple[int, Job]], list[Job]]:
         """The first prompts whose tokens fit this flush's budget (at least one), and the rest."""
-        budget = self.shard.prefill_chunk_tokens
+        budget = self.prompt_budget
         spent = 0
         for index, (_, job) in enumerate(prompts):
             spent += min(job.hidden.shape[0] * job.hidden.shape[1], budget)  # a long prompt: its first piece
@@ -239,26 +249,33 @@ class BatchingExecutor:
             for job in group:
                 job.done(None, err, 0.0)
             return
-        elapsed = self._count(len(group), started, prompts=group[0].hidden.shape[1] > 1)
+        prompts = group[0].hidden.shape[1] > 1
+        elapsed = self._count(len(group), started, prompts=prompts)
+        if prompts:
+            self.pace.observe(sum(job.hidden.shape[0] * job.hidden.shape[1] for job in group), elapsed)
         self.stats.jobs += len(group)
         for job, output in zip(group, outputs):
             job.done(output, None, elapsed)
 
     def _in_pieces(self, job: Job) -> bool:
-        return job.pieces is not None or (job.cache is not None
-                                          and job.hidden.shape[1] > self.shard.prefill_chunk_tokens)
+        return job.pieces is not None or (job.cache is not None and job.hidden.shape[1] > self.prompt_budget)
 
     def _execute_piece(self, job: Job) -> None:
         """The next piece of a long prompt; the job goes back in the queue until its last piece ran."""
         if job.pieces is None:
-            job.pieces = self.shard.in_pieces(job.hidden, [job.cache], job.layers)
+            job.piece_tokens = self.prompt_budget
+            job.pieces = self.shard.in_pieces(job.hidden, [job.cache], job.layers, job.piece_tokens)
+        piece = min(job.piece_tokens, job.hidden.shape[1] - job.tokens_done)
         started = time.perf_counter()
         try:
             output = next(job.pieces)  # a failed piece rolls the whole prompt back
         except Exception as err:
             job.done(None, err, 0.0)
             return
-        job.seconds += self._count(1, started)
+        seconds = self._count(1, started)
+        job.seconds += seconds
+        job.tokens_done += piece
+        self.pace.observe(piece, seconds)
         if output is None:
             self._pending.append(job)
             # The next piece waits one loop turn, so that steps which came in while this one ran

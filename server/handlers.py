@@ -54,7 +54,8 @@ class DonorHandlers:
                     "free_cache_tokens": self.sessions.free_tokens(),
                     "cache_budget_bytes": self.sessions.budget_bytes, "weight_bytes": self.weight_bytes,
                     "peak_rss_bytes": process_memory("VmHWM"), "rss_bytes": process_memory("VmRSS"),
-                    "compute": self.worker.stats.as_dict(), "forwarded_steps": self.forwarder.forwarded,
+                    "compute": {**self.worker.stats.as_dict(), **self.worker.pace.as_dict(self.shard.prefill_chunk_tokens)},
+                    "forwarded_steps": self.forwarder.forwarded,
                     **self.describe})
 
     def open(self, message, connection, respond):

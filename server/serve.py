@@ -18,7 +18,7 @@ from mesh.transport import install_fast_event_loop
 from server.donor import Donor, DonorSettings, Heartbeat, ready_line
 from server.handlers import process_memory
 from server.host_memory import return_large_buffers_to_the_system
-from server.throughput import measure_throughput
+from server.throughput import measure_prompt_speed, measure_throughput
 from shards.checkpoint import Checkpoint
 from shards.device import DeviceInfo, choose_dtype, detect_device
 from shards.errors import InsufficientMemoryError
@@ -153,6 +153,7 @@ def serve(opts: ServeOptions) -> int:
                                  announce_interval=opts.announce_interval, max_batch=opts.max_batch,
                                  revision=opts.revision or "main", fingerprint=fingerprint)
         donor = Donor(shard, settings, throughput, info.describe(dtype))
+        donor.worker.pace.observe(*measure_prompt_speed(shard))
         donor.handlers.describe["baseline_rss_bytes"] = baseline
         install_fast_event_loop()
         asyncio.run(_run(donor, dht, config.num_hidden_layers, opts.announce_interval))
@@ -171,7 +172,7 @@ async def _run(donor: Donor, dht, num_layers: int, interval: float) -> None:
     await loop.run_in_executor(None, heartbeat.start)
     print(f"serving layers {donor.shard.start}:{donor.shard.end} of {donor.settings.model_id} at {address}; "
           f"cache budget {donor.sessions.budget_bytes / 2**20:.0f} MiB; "
-          f"{donor.throughput:.0f} layer-steps/s; DHT {' '.join(visible_addresses(dht))}", flush=True)
+          f"{donor.throughput:.0f} layer-steps/s; prompts in pieces of up to {donor.worker.prompt_budget} tokens; DHT {' '.join(visible_addresses(dht))}", flush=True)
     print(ready_line(donor, heartbeat.peer_id), flush=True)
     await stop.wait()
     print("shutting down: withdrawing the announcement, closing sessions", flush=True)

@@ -103,17 +103,17 @@ class Shard(nn.Module):
             cache.advance(tokens)  # only after every layer succeeded
         return hidden
 
-    def in_pieces(self, hidden: torch.Tensor, caches: list[KVCache],
-                  layers: tuple[int, int] | None = None) -> Iterator[torch.Tensor | None]:
-        """forward() with caches, `prefill_chunk_tokens` tokens at a time, as a generator: it yields
-        None after each piece but the last, then the whole output [B, T, D]. A caller can do other
-        work between pieces (the donor runs other sessions' steps). If a piece fails, or the
-        generator is closed before the end, the caches are rolled back to where they were: a prompt
-        goes in whole or not at all."""
+    def in_pieces(self, hidden: torch.Tensor, caches: list[KVCache], layers: tuple[int, int] | None = None,
+                  piece_tokens: int | None = None) -> Iterator[torch.Tensor | None]:
+        """forward() with caches, `piece_tokens` tokens at a time (at most `prefill_chunk_tokens`, the
+        default), as a generator: it yields None after each piece but the last, then the whole
+        output [B, T, D]. A caller can do other work between pieces (the donor runs other sessions'
+        steps). If a piece fails, or the generator is closed before the end, the caches are rolled
+        back to where they were: a prompt goes in whole or not at all."""
         for cache in caches:
             cache.check_room(hidden.shape[1])
         lengths = [cache.length for cache in caches]
-        tokens, step = hidden.shape[1], self.prefill_chunk_tokens
+        tokens, step = hidden.shape[1], min(piece_tokens or self.prefill_chunk_tokens, self.prefill_chunk_tokens)
         output = torch.empty(hidden.shape, dtype=self.dtype, device=hidden.device)
         complete = False
         try:
