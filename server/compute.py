@@ -8,9 +8,10 @@ one length together too, oldest request first, resolving each job's callback. A 
 bounds the prompt work of one flush: the shard's `prefill_chunk_tokens`, fewer tokens on a donor
 too slow to compute that many in about two seconds (pacing.py). New prompts beyond the budget
 wait for the next flush, and a longer prompt runs one piece of that size per flush, going back in
-the queue between pieces. So a decoding session waits for a budget of new prompts and a piece of
-each long prompt under way, never for a whole burst of new sessions or a whole long prompt, and
-the loop is never held so long that clients take the donor for dead.
+the queue between pieces (a forward of several sequences without a cache, a few rows at a time).
+So a decoding session waits for a budget of new prompts and a piece of each long prompt under
+way, never for a whole burst of new sessions or a whole long prompt, and the loop is never held
+so long that clients take the donor for dead.
 
 Compute runs on the event loop's thread on purpose: handing each job to a worker thread and back
 cost 0.13-0.45 ms per request on the 2-core test machine (measured during development with a
@@ -258,14 +259,27 @@ class BatchingExecutor:
             job.done(output, None, elapsed)
 
     def _in_pieces(self, job: Job) -> bool:
-        return job.pieces is not None or (job.cache is not None and job.hidden.shape[1] > self.prompt_budget)
+        """A prompt longer than the budget, or a forward of several sequences more than the budget
+        together (run a few rows at a time; a single sequence without a cache cannot be cut)."""
+        if job.pieces is not None:
+            return True
+        rows, tokens = job.hidden.shape[0], job.hidden.shape[1]
+        if job.cache is not None:
+            return tokens > self.prompt_budget
+        return rows > 1 and rows * tokens > self.prompt_budget
 
     def _execute_piece(self, job: Job) -> None:
-        """The next piece of a long prompt; the job goes back in the queue until its last piece ran."""
+        """The next piece of a long prompt (or rows of a forward); the job goes back in the queue
+        until its last piece ran."""
         if job.pieces is None:
-            job.piece_tokens = self.prompt_budget
-            job.pieces = self.shard.in_pieces(job.hidden, [job.cache], job.layers, job.piece_tokens)
-        piece = min(job.piece_tokens, job.hidden.shape[1] - job.tokens_done)
+            if job.cache is None:
+                rows = max(1, self.prompt_budget // job.hidden.shape[1])
+                job.piece_tokens = rows * job.hidden.shape[1]
+                job.pieces = self._rows_in_pieces(job, rows)
+            else:
+                job.piece_tokens = self.prompt_budget
+                job.pieces = self.shard.in_pieces(job.hidden, [job.cache], job.layers, job.piece_tokens)
+        piece = min(job.piece_tokens, job.hidden.shape[0] * job.hidden.shape[1] - job.tokens_done)
         started = time.perf_counter()
         try:
             output = next(job.pieces)  # a failed piece rolls the whole prompt back
@@ -284,6 +298,15 @@ class BatchingExecutor:
             return
         self.stats.jobs += 1
         job.done(output, None, job.seconds)
+
+    def _rows_in_pieces(self, job: Job, rows: int) -> Iterator[torch.Tensor | None]:
+        """A forward without a cache, `rows` sequences at a time; yields like Shard.in_pieces."""
+        outputs = []
+        for begin in range(0, job.hidden.shape[0], rows):
+            outputs.append(self.shard(job.hidden[begin:begin + rows], None, job.layers))
+            if begin + rows < job.hidden.shape[0]:
+                yield None
+        yield torch.cat(outputs)
 
     def _resume(self) -> None:
         if self._pending and not self._flush_scheduled:

@@ -1,5 +1,6 @@
-"""A slow donor takes on prompts in pieces it can compute quickly (server/pacing.py), so that it
-keeps answering pings during a long prompt and its clients do not take it for dead."""
+"""A slow donor takes on prompts in pieces it can compute quickly (server/pacing.py), and forwards
+of many sequences a few rows at a time, so that it keeps answering pings during a long prompt and
+its clients do not take it for dead."""
 
 from __future__ import annotations
 
@@ -122,3 +123,40 @@ def test_a_slow_donor_keeps_answering_pings_during_a_long_prompt(shard, monkeypa
             connection.close()
     assert_hidden_close(reply.tensors[0], expected)
     assert info["prompt_piece_tokens"] < 100 and info["batch_sizes"]["1"] >= 5  # 400 tokens in pieces
+
+
+def test_a_forward_of_many_sequences_on_a_slow_donor_runs_a_few_rows_at_a_time(shard):
+    gen = torch.Generator().manual_seed(7)
+    many = torch.randn(5, 8, shard.config.hidden_size, generator=gen)
+    one_long = torch.randn(1, 30, shard.config.hidden_size, generator=gen)
+    results, finished = {}, []
+
+    def record(name):
+        def done(output, error, seconds):
+            finished.append(name)
+            results[name] = (output, error)
+        return done
+
+    async def scenario():
+        executor = BatchingExecutor(shard)
+        executor.pace.observe(100, 10.0)  # 20 tokens fit the 2 s: two rows of 8 tokens at a time
+        session, cache = new_session(shard, 1)
+        layers = (shard.start, shard.end)
+        executor.submit(many, layers, None, record("forward"))
+        assert "forward" not in results  # its first two rows ran at once, the rest wait
+        step = NamedStep(finished, "decode step", executor, session, cache, token(shard, 5))
+        await both_run(step)
+        for _ in range(1000):
+            if "forward" in results:
+                break
+            await asyncio.sleep(0.001)
+        executor.submit(one_long, layers, None, record("one sequence"))  # cannot be cut: runs whole
+        return executor
+
+    executor = asyncio.run(scenario())
+    assert finished.index("decode step") < finished.index("forward")  # it ran between the rows
+    output, error = results["forward"]
+    assert error is None
+    assert_hidden_close(output, shard(many))
+    assert_hidden_close(results["one sequence"][0], shard(one_long))
+    assert executor.stats.batch_sizes == {1: 5}  # rows 2 + 2 + 1, the step, the long sequence whole
