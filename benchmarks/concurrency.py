@@ -132,14 +132,19 @@ def shard_alone(path: str, counts: list[int], threads: int, context: int, dtype:
     return rates
 
 
-def donor_batches(port: int) -> dict:
+def donor_compute(port: int) -> dict:
+    """The donor's compute statistics (its info reply's "compute")."""
     from mesh.transport import Connection
 
     connection = Connection.open("127.0.0.1", port)
     try:
-        return connection.request({"type": "info"}, timeout=10).header["compute"]["batch_sizes"]
+        return connection.request({"type": "info"}, timeout=10).header["compute"]
     finally:
         connection.close()
+
+
+def donor_batches(port: int) -> dict:
+    return donor_compute(port)["batch_sizes"]
 
 
 def measure_dtype(path: str, dtype: str, counts: list[int], args) -> list[dict]:
@@ -165,6 +170,7 @@ def measure_dtype(path: str, dtype: str, counts: list[int], args) -> list[dict]:
             before = donor_batches(donor.port)
             rows.append({"via": "gateway", **gateway_run(base_url, "bench", n, args.new_tokens),
                          "batches": _diff(donor_batches(donor.port), before)})
+        pace = {key: donor_compute(donor.port)[key] for key in ("prompt_tokens_per_second", "prompt_piece_tokens")}
     alone = shard_alone(path, counts, args.threads, PROMPT_TOKENS, dtype)  # the swarm is stopped by now
     rows += [{"via": "shard alone", "sessions": n, "aggregate_tokens_per_s": rate, "steady_tokens_per_s": rate,
               "per_session_tokens_per_s": rate / n,
@@ -172,6 +178,7 @@ def measure_dtype(path: str, dtype: str, counts: list[int], args) -> list[dict]:
              for n, rate in alone.items()]
     for row in rows:
         row["dtype"] = dtype
+        row["donor_prompt_pace"] = pace  # what the donor measured of its prompts (server/pacing.py)
         single = next(r for r in rows if r["via"] == row["via"] and r["sessions"] == counts[0])
         row["vs_single"] = row["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
         steady = row["steady_tokens_per_s"]
@@ -224,6 +231,10 @@ def main(argv=None) -> int:
         print(f"{r['dtype']:<9} {r['via']:<14} {r['sessions']:>8} {r['aggregate_tokens_per_s']:>16.1f} "
               f"{r['vs_single']:>9.2f} {steady:>13} {steady_ratio:>9} {r['per_session_tokens_per_s']:>12.1f} "
               f"{r['p50_inter_token_ms']:>8.2f} {r['p99_inter_token_ms']:>8.2f} {common:>6}")
+    for dtype in dtypes:
+        pace = next(r["donor_prompt_pace"] for r in rows if r["dtype"] == dtype)
+        print(f"donor in {dtype}: prompts at {pace['prompt_tokens_per_second']} tokens/s of compute, "
+              f"in pieces of up to {pace['prompt_piece_tokens']} tokens")
     save(args.json, command, rows)
     return 0
 

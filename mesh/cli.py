@@ -247,8 +247,9 @@ def _add_serve(subparsers) -> None:
             type=positive(float))
     _option(parser, "--max-batch", "MESH_MAX_BATCH", "most decode steps run as one batch", 64, type=positive(int))
     _option(parser, "--prefill-chunk-tokens", "MESH_PREFILL_CHUNK_TOKENS", "a longer prompt runs in pieces of "
-            "this many tokens, with other sessions' decode steps in between (bounds its working memory); "
-            "new prompts beyond this many tokens wait for the next batch of decode steps", 512,
+            "at most this many tokens, with other sessions' decode steps in between (bounds its working memory); "
+            "new prompts beyond this many tokens wait for the next batch of decode steps; a donor too slow "
+            "to compute this many in about 2 s takes fewer", 512,
             type=positive(int))
     _option(parser, "--torch-threads", "MESH_TORCH_THREADS", "CPU threads for torch (share the cores "
             "when several processes run on one machine)", type=positive(int))
