@@ -186,9 +186,10 @@ class BatchingExecutor:
         """Groups to run now, and the jobs left for the next flush.
 
         Every queued one-token step runs now, batched with the others over the same layers (up to
-        max_batch). New prompts run up to `prompt_budget` tokens per flush (at least one prompt), in arrival order, those of one length together (_prompt_groups); the
-        others wait for the next flush, so that a burst of new sessions holds up a decoding session by
-        one budget's worth of prompt, not by all of them. A long prompt that already started runs
+        max_batch). New prompts run up to `prompt_budget` tokens per flush (at least one prompt),
+        in arrival order, those of one length together (_prompt_groups); the others wait for the
+        next flush, so that a burst of new sessions holds up a decoding session by one budget's
+        worth of prompt, not by all of them. A long prompt that already started runs
         its next piece (of that size) at every flush, whatever came since, so it is never starved.
 
         Oldest request first: a decode batch re-forms at every flush, and if it always went first,

@@ -172,7 +172,8 @@ async def _run(donor: Donor, dht, num_layers: int, interval: float) -> None:
     await loop.run_in_executor(None, heartbeat.start)
     print(f"serving layers {donor.shard.start}:{donor.shard.end} of {donor.settings.model_id} at {address}; "
           f"cache budget {donor.sessions.budget_bytes / 2**20:.0f} MiB; "
-          f"{donor.throughput:.0f} layer-steps/s; prompts in pieces of up to {donor.worker.prompt_budget} tokens; DHT {' '.join(visible_addresses(dht))}", flush=True)
+          f"{donor.throughput:.0f} layer-steps/s; prompts in pieces of up to {donor.worker.prompt_budget} tokens; "
+          f"DHT {' '.join(visible_addresses(dht))}", flush=True)
     print(ready_line(donor, heartbeat.peer_id), flush=True)
     await stop.wait()
     print("shutting down: withdrawing the announcement, closing sessions", flush=True)
