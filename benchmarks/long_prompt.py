@@ -3,7 +3,8 @@ on the same donor.
 
 Two donors serve every layer of the same model: one with `mesh serve --prefill-chunk-tokens N`
 (the default 512: a long prompt runs in pieces of N tokens, and new prompts beyond N tokens wait
-for the next round of work) and one unbounded (every prompt whole, all at once). On each in turn,
+for the next round of work) and one without that limit, where only the donor's pacing bounds its
+prompt work (server/pacing.py: what computes in about 2 s per round). On each in turn,
 in alternating rounds: one session decodes step after step (hidden states in, hidden states out)
 while --prompts other sessions each send a prompt of --prompt-tokens at the same moment (one long
 prompt by default; `--prompts 64 --prompt-tokens 32` is 64 users arriving together). Reports, per
@@ -32,7 +33,8 @@ from benchmarks.report import command_line, save
 DECODE_CONTEXT = 32  # the decoding session's prompt
 DECODE_CAPACITY = 2048  # the decoding session's reservation: its prompt and every step it takes
 ALONE_STEPS = 20  # steps timed before the long prompt arrives
-UNBOUNDED = 1 << 30  # --prefill-chunk-tokens: every prompt whole, all in one round
+NO_LIMIT = 1 << 30  # --prefill-chunk-tokens: no limit of its own; the donor's pacing still cuts prompts
+NO_LIMIT_LABEL = "paced only"
 
 
 def decode_until(connection, session: str, position: int, hidden_size: int, stop: threading.Event,
@@ -122,16 +124,16 @@ def main(argv=None) -> int:
     layers = f"0:{size['num_hidden_layers']}"
     cache = str(2 * (DECODE_CAPACITY + args.prompts * args.prompt_tokens))
     bounded = f"{args.chunk} tokens"
-    samples: dict[str, list[dict]] = {bounded: [], "unbounded": []}
+    samples: dict[str, list[dict]] = {bounded: [], NO_LIMIT_LABEL: []}
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(ready_timeout=300) as swarm:
         path = save_size_model(args.size, Path(tmp) / f"{args.size}-llama",
                                max_position_embeddings=max(4096, 2 * args.prompt_tokens))
         swarm.start_dht()
         flags = ("--torch-threads", "2", "--cache-tokens", cache, "--prefill-chunk-tokens")
         [pieces] = swarm.start_donors(path, [layers], *flags, str(args.chunk))
-        [whole] = swarm.start_donors(path, [layers], *flags, str(UNBOUNDED))
+        [whole] = swarm.start_donors(path, [layers], *flags, str(NO_LIMIT))
         for _ in range(args.rounds):
-            for label, donor in ((bounded, pieces), ("unbounded", whole)):
+            for label, donor in ((bounded, pieces), (NO_LIMIT_LABEL, whole)):
                 samples[label].append(one_round(donor.port, size["num_hidden_layers"], size["hidden_size"],
                                                 args.prompt_tokens, args.prompts))
     rows = []
