@@ -2,12 +2,13 @@
 
 A donor computes on its event loop's thread (compute.py), so while a prompt runs it answers
 nobody, not even a ping. A client that hears nothing for a while pings, and gives the donor up
-when the ping is not answered within a few seconds (mesh/transport.py, Liveness). A fixed piece of
-512 tokens is about a second of a mid-size model on a laptop's CPU, but 8 s of the same model in
-bfloat16 on a CPU without bf16 matrix units, and more on a large shard: long enough for every
-client of the donor to take it for dead. So the donor times its prompt work and sizes the next
-pieces by what it measured, within the configured `prefill_chunk_tokens`; the same bound keeps
-the decode steps of other sessions from waiting much longer than PROMPT_SECONDS for a prompt.
+when the ping is not answered within a few seconds (mesh/transport.py, Liveness). A fixed piece
+of 512 tokens is a second or two of a mid-size model on a laptop's CPU, but 9 s of the same model
+in bfloat16 on a CPU without bf16 matrix units (benchmarks/RESULTS.md), and more on a large
+shard: long enough for every client of the donor to take it for dead. So the donor times its
+prompt work and sizes the next pieces by what it measured, within the configured
+`prefill_chunk_tokens`; the same bound keeps the decode steps of other sessions from waiting much
+longer than PROMPT_SECONDS for a prompt.
 """
 
 from __future__ import annotations
