@@ -216,9 +216,9 @@ class BatchingExecutor:
 
     def _prompt_groups(self, prompts: list[tuple[int, Job]]) -> list[tuple[int, list[Job]]]:
         """New prompts of one length over the same layers run as one batch: a burst of new sessions
-        often sends prompts alike, and one wider matrix product beats many narrow ones. The budget already bounds their tokens together, so a
-        batch's working memory is that of one piece. Forwards without a session, and prompts that
-        run in pieces, run alone."""
+        often sends prompts alike, and one wider matrix product beats many narrow ones. The budget
+        already bounds their tokens together, so a batch's working memory is that of one piece.
+        Forwards without a session, and prompts that run in pieces, run alone."""
         groups: dict[tuple, tuple[int, list[Job]]] = {}
         for order, job in prompts:
             alike = job.cache is not None and job.hidden.shape[0] == 1 and not self._in_pieces(job)
